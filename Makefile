@@ -1,0 +1,37 @@
+# `make demo` and `make test` each do all set-up on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Keep TensorFlow's C++ start-up chatter out of the output.
+export TF_CPP_MIN_LOG_LEVEL := 3
+
+.PHONY: demo test lint benchmark data
+
+$(STAMP): setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' \
+		2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import keras_sp, keras, tensorflow" >/dev/null
+	touch $(STAMP)
+
+# Real Fashion-MNIST from Debian, installed when apt-get exists and we are
+# root; otherwise the loader falls back to keras.datasets (needs internet).
+data:
+	@if [ ! -f $(FASHION) ] && command -v apt-get >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: $(STAMP) data
+	$(VENV)/bin/keras-sp demo --out results/demo
+
+test: $(STAMP) data
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/penalty_overhead.py

@@ -1,0 +1,24 @@
+"""keras-sp: transfer learning for Keras 3.
+
+The -SP penalties of Li, Grandvalet & Davoine, diagonal Fisher information,
+freezing depth units, growing a network (Wang, Ramanan & Hebert) and
+Yosinski's transferability experiments.
+"""
+
+from keras_sp import analysis
+from keras_sp import callbacks
+from keras_sp import regularizers
+from keras_sp.penalties import regularize
+from keras_sp.penalties import starting_point
+from keras_sp.penalties import unregularize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analysis",
+    "callbacks",
+    "regularize",
+    "regularizers",
+    "starting_point",
+    "unregularize",
+]

@@ -1,0 +1,1 @@
+"""Config-driven experiment runners and the `keras-sp` command line."""

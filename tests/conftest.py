@@ -1,0 +1,17 @@
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clear():
+    """Every test starts from the same seed and a fresh Keras name scope."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1234)
+    np.random.seed(1234)
+    yield
