@@ -330,7 +330,7 @@ def regularize(
     | `"l2_sp_fisher"` | alpha/2 Σ_j F_j (w_j − w0_j)² | 4 |
     | `"l1_sp"` | alpha ‖w − w0‖₁ | 5 |
     | `"group_lasso_sp"` | alpha Σ_g √p_g ‖w_g − w0_g‖₂ | 6 |
-    | `"group_lasso_sp_fisher"` | alpha Σ_g √p_g (Σ_{j∈g} F_j (w_j − w0_j)²)^½ | 7 |
+    | `"group_lasso_sp_fisher"` | α Σ_g √p_g (Σ_{j∈g} F_j (w_j − w0_j)²)^½ | 7 |
 
     Calling `regularize` again replaces the penalties (nothing is counted
     twice) and keeps the starting point already attached unless

@@ -370,13 +370,13 @@ class L1SP(_StartingPointPenalty):
 
 @keras.saving.register_keras_serializable(package="keras_sp")
 class GroupLassoSP(_StartingPointPenalty):
-    """Group-Lasso toward the starting point (eq. 6), optionally Fisher-weighted.
+    """Group-Lasso toward the starting point (eq. 6), or its Fisher form (7).
 
     `Omega(w) = alpha * sum_g sqrt(p_g) * ||w_g - w0_g||_2`  (eq. 6)
 
     and with Fisher weights F (GL-SP-Fisher, eq. 7):
 
-    `Omega(w) = alpha * sum_g sqrt(p_g) * (sum_{j in g} F_j (w_j - w0_j)^2)^(1/2)`
+    `Omega(w) = alpha * sum_g sqrt(p_g) * sqrt(sum_{j in g} F_j (w_j - w0_j)^2)`
 
     A group g gathers the fan-in parameters of one output channel: the
     entries of the kernel that share an index on every axis not in
