@@ -112,12 +112,12 @@ def reestimate_batchnorm(model, x, batch_size=256):
         if isinstance(layer, keras.Model):
             inner_x = x
             if layer is not model.layers[0]:
-                prefix = keras.Model(model.inputs, layer.input)
+                prefix = keras.Model(model.input, layer.input)
                 inner_x = predict(prefix, x, batch_size)
             count += reestimate_batchnorm(layer, inner_x, batch_size)
         elif isinstance(layer, keras.layers.BatchNormalization):
             features = predict(
-                keras.Model(model.inputs, layer.input), x, batch_size
+                keras.Model(model.input, layer.input), x, batch_size
             )
             axis = layer.axis % features.ndim
             reduce = tuple(i for i in range(features.ndim) if i != axis)

@@ -54,7 +54,9 @@ def build_small_cnn(
         num_classes: int, number of outputs of the head.
         input_shape: image shape (height, width, channels), values 0-255.
         width: filters of the first convolution (doubled per block).
-        fc_units: units of the fully connected layer `fc`.
+        fc_units: units of the fully connected layer `fc` at the end of the
+            backbone, or None for none (the head then reads the pooled
+            features, as a ResNet's classifier does).
         head_name: name of the classifier layer.
 
     Returns:
@@ -71,7 +73,8 @@ def build_small_cnn(
         if block < 3:
             x = keras.layers.MaxPooling2D(name=f"pool{block}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dense(fc_units, activation="relu", name="fc")(x)
+    if fc_units:
+        x = keras.layers.Dense(fc_units, activation="relu", name="fc")(x)
     backbone = keras.Model(inputs, x, name="backbone")
     head = keras.layers.Dense(num_classes, name=head_name)
     model = keras.Sequential([backbone, head], name="small_cnn")
@@ -88,7 +91,7 @@ def select_classes(images, labels, classes):
 
 
 def pretrained_source_model(
-    epochs=4, seed=0, batch_size=128, verbose=1, cache=True
+    epochs=4, seed=0, batch_size=128, fc_units=128, verbose=1, cache=True
 ):
     """The small CNN trained on Fashion-MNIST classes 0-4 (cached on disk).
 
@@ -100,6 +103,7 @@ def pretrained_source_model(
         epochs: training epochs over the 30,000 source images.
         seed: seed of the initialization and shuffling.
         batch_size: training batch size.
+        fc_units: see `build_small_cnn`.
         verbose: Keras verbosity while training.
         cache: whether to read and write the cache.
 
@@ -111,6 +115,7 @@ def pretrained_source_model(
         "epochs": epochs,
         "seed": seed,
         "batch_size": batch_size,
+        "fc_units": fc_units,
         "keras": keras.__version__,
         "version": 2,
     }
@@ -127,7 +132,9 @@ def pretrained_source_model(
     x_train, y_train = select_classes(x_train, y_train, SOURCE_CLASSES)
     x_test, y_test = select_classes(x_test, y_test, SOURCE_CLASSES)
     keras.utils.set_random_seed(seed)
-    model = build_small_cnn(len(SOURCE_CLASSES), head_name="source_head")
+    model = build_small_cnn(
+        len(SOURCE_CLASSES), fc_units=fc_units, head_name="source_head"
+    )
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     model.compile(
         optimizer=keras.optimizers.Adam(
