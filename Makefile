@@ -26,8 +26,9 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/keras-sp demo --out results/demo
 
+# The test suite, and every docstring example run as a doctest.
 test: $(STAMP) data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests keras_sp --doctest-modules
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
