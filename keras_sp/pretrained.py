@@ -71,6 +71,17 @@ def read_graph_constants(graph_path):
 
     Returns:
         A dict `{node name: NumPy array}`.
+
+    Example:
+
+    >>> graph = tf.Graph()
+    >>> with graph.as_default():
+    ...     _ = tf.constant([1.0, 2.0], name="MobilenetV1/Conv2d_0/weights")
+    >>> path = os.path.join(tempfile.mkdtemp(), "graph.pb")
+    >>> with open(path, "wb") as handle:
+    ...     _ = handle.write(graph.as_graph_def().SerializeToString())
+    >>> read_graph_constants(path)["MobilenetV1/Conv2d_0/weights"].tolist()
+    [1.0, 2.0]
     """
     graph_def = tf.compat.v1.GraphDef()
     with open(graph_path, "rb") as handle:
@@ -131,6 +142,17 @@ def mobilenet_v1_weights(constants, graph_path="<constants>"):
         `(weights, settings)`: `weights` maps each Keras layer name to its
         list of arrays in `layer.get_weights()` order; `settings` holds
         `alpha`, `classes` and the BatchNorm `epsilon`.
+
+    Example:
+
+    >>> mobilenet_v1_weights({"x/BatchNorm/batchnorm/add/y": 0.001})
+    Traceback (most recent call last):
+    ...
+    ValueError: The graph has no constant 'MobilenetV1/Conv2d_0/weights'...
+
+    Reference:
+        Howard et al. "MobileNets: efficient convolutional neural networks
+        for mobile vision applications." arXiv:1704.04861, 2017.
     """
     epsilons = {
         float(value)
@@ -223,6 +245,11 @@ def convert_mobilenet_v1(graph_path=None, weights_path=None, overwrite=False):
         Howard et al. "MobileNets: efficient convolutional neural networks
         for mobile vision applications." arXiv:1704.04861, 2017.
     """
+    if graph_path is not None and not os.path.isfile(graph_path):
+        raise ValueError(
+            "`graph_path` must be a TF-slim MobileNet V1 frozen graph "
+            f"file (.pb). Received: graph_path={graph_path!r}"
+        )
     if weights_path is None:
         weights_path = os.path.join(cache_directory(), MOBILENET_WEIGHTS_FILE)
     weights_path = os.fspath(weights_path)
@@ -241,11 +268,6 @@ def convert_mobilenet_v1(graph_path=None, weights_path=None, overwrite=False):
             constants = read_graph_constants(install_mobilenet_graph(directory))
         graph_path = f"{GRAPH_PACKAGE}:{GRAPH_PATH}"
     else:
-        if not os.path.isfile(graph_path):
-            raise ValueError(
-                "`graph_path` must be a TF-slim MobileNet V1 frozen graph "
-                f"file (.pb). Received: graph_path={graph_path!r}"
-            )
         constants = read_graph_constants(graph_path)
     weights, settings = mobilenet_v1_weights(constants, graph_path)
     model = keras.applications.MobileNet(
@@ -305,6 +327,17 @@ def load_weights_checked(model, weights_path):
 
     Returns:
         `model`, with the weights loaded.
+
+    Example:
+
+    >>> path = os.path.join(tempfile.mkdtemp(), "dense.weights.h5")
+    >>> keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]
+    ...     ).save_weights(path)
+    >>> wider = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5)])
+    >>> load_weights_checked(wider, path)
+    Traceback (most recent call last):
+    ...
+    ValueError: The weights file does not match the model ...
     """
     weights_path = os.fspath(weights_path)
     if not os.path.isfile(weights_path):
@@ -375,11 +408,27 @@ def imagenet_mobilenet(
 
     Returns:
         A `keras.Model` named "mobilenet_1.00_*".
+
+    Example:
+
+    >>> imagenet_mobilenet(weights_path="/no/such.weights.h5")
+    Traceback (most recent call last):
+    ...
+    ValueError: `weights_path` must be an existing .weights.h5 file...
+
+    Reference:
+        Howard et al. "MobileNets: efficient convolutional neural networks
+        for mobile vision applications." arXiv:1704.04861, 2017.
     """
     if weights_path is None:
         weights_path = os.path.join(cache_directory(), MOBILENET_WEIGHTS_FILE)
         if not os.path.exists(weights_path):
             convert_mobilenet_v1(weights_path=weights_path)
+    elif not os.path.isfile(weights_path):
+        raise ValueError(
+            "`weights_path` must be an existing .weights.h5 file. Received: "
+            f"weights_path={weights_path!r}"
+        )
     full = keras.applications.MobileNet(
         input_shape=tuple(input_shape),
         weights=None,
@@ -418,6 +467,19 @@ def frozen_graph_outputs(
 
     Returns:
         The fetched tensor as a NumPy array.
+
+    Example:
+
+    >>> graph = tf.Graph()
+    >>> with graph.as_default():
+    ...     x = tf.compat.v1.placeholder(tf.float32, (1, 2), name="input")
+    ...     _ = tf.multiply(x, 2.0, name="logits")
+    >>> path = os.path.join(tempfile.mkdtemp(), "graph.pb")
+    >>> with open(path, "wb") as handle:
+    ...     _ = handle.write(graph.as_graph_def().SerializeToString())
+    >>> frozen_graph_outputs(path, [[1, 2], [3, 4]], output_name="logits:0")
+    array([[2., 4.],
+           [6., 8.]], dtype=float32)
     """
     graph_def = tf.compat.v1.GraphDef()
     with open(graph_path, "rb") as handle:

@@ -62,6 +62,14 @@ def decode_image_file(path):
 
     Returns:
         A `uint8` tensor of shape `(height, width, 3)`.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "gray.png")
+    >>> tf.io.write_file(path, tf.io.encode_png(tf.zeros((2, 3, 1), tf.uint8)))
+    >>> decode_image_file(path).shape
+    TensorShape([2, 3, 3])
     """
     image = tf.io.decode_image(
         tf.io.read_file(path), channels=3, expand_animations=False
@@ -116,6 +124,11 @@ def find_unreadable_images(paths):
     Returns:
         A list of the paths that could not be read or decoded, in the
         order given.
+
+    Example:
+
+    >>> find_unreadable_images(["/no/such/image.jpg"])
+    ['/no/such/image.jpg']
     """
     paths = [str(path) for path in paths]
     if not paths:
@@ -145,6 +158,11 @@ def readable_images(paths, labels, on_corrupt):
     Returns:
         `(paths, labels, skipped)`: the readable paths and their labels as
         lists, and a tuple of the skipped paths.
+
+    Example:
+
+    >>> readable_images(["/no/such/image.jpg"], [0], on_corrupt="skip")
+    ([], [], ('/no/such/image.jpg',))
     """
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(
