@@ -85,6 +85,11 @@ def test_draw_depends_only_on_the_seed(tmp_path):
     other = read_ids(load_caltech256(folder, per_class=2, seed=8).train)
     assert first == again
     assert set(first) != set(other)
+    # The training order mixes the classes; the test order is the files'.
+    labels = [label for _, label in first]
+    assert labels != sorted(labels)
+    test = read_ids(load_caltech256(folder, per_class=2, seed=7).test)
+    assert test == sorted(test)
 
 
 def test_parent_folder_and_clutter_option(tmp_path):

@@ -61,6 +61,10 @@ def test_official_lists_give_the_split_and_sorted_classes(tmp_path):
         )
         assert read_values(dataset) == expected
     assert data.skipped == ()
+    order = [int(y) for _, y in data.train.as_numpy_iterator()]
+    assert order != sorted(order) and order != sorted(order, reverse=True)
+    again = load_mit_indoor67(tmp_path, seed=0).train.as_numpy_iterator()
+    assert [int(y) for _, y in again] == order
 
 
 def test_missing_or_corrupt_listed_images_raise_or_are_skipped(tmp_path):

@@ -83,13 +83,15 @@ def load_caltech256(
     unless `include_clutter=False`. Only image files directly inside a
     category folder are read: sub-folders (such as the duplicate images in
     `056.dog/greg`) and other files are ignored. Labels follow the category
-    numbers: `001.ak47` is label 0.
+    numbers: `001.ak47` is label 0. The training images come in a random
+    order fixed by `seed` (so that a shuffle buffer mixes the classes), the
+    test images in file order.
 
     Args:
         directory: the `256_ObjectCategories` folder (or the folder holding
             it) of the Caltech-256 download.
         per_class: training images drawn per category (paper: 30 or 60).
-        seed: int, the seed of the random draw.
+        seed: int, the seed of the random draw and of the training order.
         include_clutter: whether `257.clutter` is a class (paper: yes).
         on_corrupt: `"error"` (default) raises a `ValueError` naming the
             image files that cannot be decoded; `"skip"` leaves them out
@@ -145,6 +147,7 @@ def load_caltech256(
             )
     train = few_shot(labels, per_class, seed)
     test = np.setdiff1d(np.arange(len(labels)), train)
+    train = np.random.default_rng(seed).permutation(train)
     paths = np.asarray(paths)
     return ImageData(
         train=image_dataset(paths[train], labels[train]),

@@ -2,6 +2,8 @@
 
 import os
 
+import numpy as np
+
 from keras_sp.datasets.images import ImageData
 from keras_sp.datasets.images import image_dataset
 from keras_sp.datasets.images import readable_images
@@ -46,16 +48,19 @@ def _read_list(path, directory):
     return entries
 
 
-def load_mit_indoor67(directory, on_corrupt="error"):
+def load_mit_indoor67(directory, seed=0, on_corrupt="error"):
     """MIT Indoors 67 with the official training and test lists.
 
     The official split has 80 training and 20 test images per category
     (5,360 and 1,340 images; the paper's Table 1). Class names are the
-    categories of `TrainImages.txt`, sorted; labels index them.
+    categories of `TrainImages.txt`, sorted; labels index them. The
+    training images come in a random order fixed by `seed` (so that a
+    shuffle buffer mixes the classes), the test images in list order.
 
     Args:
         directory: the folder holding `TrainImages.txt`, `TestImages.txt`
             and `Images/<category>/<file>`.
+        seed: int, the seed of the order of the training images.
         on_corrupt: `"error"` (default) raises a `ValueError` naming the
             listed image files that are missing or cannot be decoded;
             `"skip"` leaves them out and lists them in `ImageData.skipped`.
@@ -104,6 +109,10 @@ def load_mit_indoor67(directory, on_corrupt="error"):
         paths = [os.path.join(images, *e.split("/")) for _, e in entries]
         labels = [label_of[category] for category, _ in entries]
         paths, labels, unreadable = readable_images(paths, labels, on_corrupt)
+        if split == "train":
+            order = np.random.default_rng(seed).permutation(len(paths))
+            paths = [paths[i] for i in order]
+            labels = [labels[i] for i in order]
         splits[split] = image_dataset(paths, labels)
         skipped += unreadable
     return ImageData(

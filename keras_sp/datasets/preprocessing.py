@@ -122,7 +122,6 @@ def gaussian_blur(image, sigma, radius):
     single = image.shape.rank == 3
     if single:
         image = image[None]
-    channels = image.shape[-1]
     kernel = _gaussian_kernel(sigma, radius)
     size = 2 * radius + 1
     padded = tf.pad(
@@ -130,13 +129,13 @@ def gaussian_blur(image, sigma, radius):
         [[0, 0], [radius, radius], [radius, radius], [0, 0]],
         mode="REFLECT",
     )
-    rows = tf.tile(tf.reshape(kernel, (size, 1, 1, 1)), [1, 1, channels, 1])
-    columns = tf.reshape(rows, (1, size, channels, 1))
-    blurred = tf.nn.depthwise_conv2d(
-        padded, rows, strides=[1, 1, 1, 1], padding="VALID"
+    height, width = tf.shape(image)[1], tf.shape(image)[2]
+    # Separable: a weighted sum of shifted rows, then of shifted columns.
+    rows = tf.add_n(
+        [kernel[k] * padded[:, k : k + height] for k in range(size)]
     )
-    blurred = tf.nn.depthwise_conv2d(
-        blurred, columns, strides=[1, 1, 1, 1], padding="VALID"
+    blurred = tf.add_n(
+        [kernel[k] * rows[:, :, k : k + width] for k in range(size)]
     )
     return blurred[0] if single else blurred
 
@@ -291,13 +290,13 @@ def paper_preprocessing(
         image, label = example
         seeds = tf.random.experimental.stateless_split(seed_pair, num=4)
         image = _resized(image, image_size)
-        blur = tf.random.stateless_uniform([], seeds[0])
-        sigma = tf.where(
-            blur < blur_probability,
-            tf.random.stateless_uniform([], seeds[1], 0.0, max_blur_sigma),
-            0.0,
+        sigma = tf.random.stateless_uniform([], seeds[1], 0.0, max_blur_sigma)
+        image = tf.cond(
+            tf.random.stateless_uniform([], seeds[0]) < blur_probability,
+            lambda: gaussian_blur(image, sigma, radius),
+            lambda: image,
         )
-        image = gaussian_blur(image, sigma, radius) - mean
+        image = image - mean
         mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5
         image = tf.cond(mirror, lambda: image[:, ::-1, :], lambda: image)
         image = tf.image.stateless_random_crop(
