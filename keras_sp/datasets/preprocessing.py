@@ -221,6 +221,8 @@ def paper_preprocessing(
     iterations: pass `steps_per_epoch` to `fit`). Testing takes the central
     crop, in order, once. The random draws depend only on `seed`, not on
     the thread timing. `map` runs in parallel and batches are prefetched.
+    (The authors' released code applied random brightness, saturation and
+    contrast under its "blur" option; this follows the paper's text.)
 
     Args:
         dataset: `tf.data.Dataset` of `(image, label)`, images `uint8` or
