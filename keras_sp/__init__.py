@@ -7,6 +7,8 @@ Yosinski's transferability experiments.
 
 from keras_sp import analysis
 from keras_sp import callbacks
+from keras_sp import datasets
+from keras_sp import pretrained
 from keras_sp import regularizers
 from keras_sp.penalties import regularize
 from keras_sp.penalties import starting_point
@@ -17,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "analysis",
     "callbacks",
+    "datasets",
+    "pretrained",
     "regularize",
     "regularizers",
     "starting_point",
