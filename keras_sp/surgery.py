@@ -6,7 +6,10 @@ the layers they grow or insert. Nested models (a backbone inside a
 Sequential, a `keras.applications` model inside a functional model) are
 copied as nested functional models with the same names. Penalties attached
 by `keras_sp.regularize` are not carried over: call `regularize` on the new
-model.
+model. Variables keep their layer and variable names, but a layer built
+inside a Sequential loses that scope in its `variable.path`
+(`"small_cnn/head/kernel"` becomes `"head/kernel"`), which `regularize`
+still matches when given the original model as `starting_point`.
 
 Reference:
     Wang, Ramanan, Hebert. "Growing a Brain: Fine-Tuning by Increasing Model
@@ -332,11 +335,12 @@ def widen(
 
     Example:
 
-    >>> import keras, keras_sp
+    >>> import keras
+    >>> from keras_sp.surgery import widen
     >>> model = keras.Sequential([keras.Input((3,)),
     ...     keras.layers.Dense(4, activation="relu", name="fc"),
     ...     keras.layers.Dense(2, name="head")])
-    >>> grown = keras_sp.widen(model, "fc", units=2)
+    >>> grown = widen(model, "fc", units=2)
     >>> tuple(grown.get_layer("head").kernel.shape)
     (6, 2)
 
@@ -439,11 +443,12 @@ def deepen(
 
     Example:
 
-    >>> import keras, keras_sp
+    >>> import keras
+    >>> from keras_sp.surgery import deepen
     >>> model = keras.Sequential([keras.Input((3,)),
     ...     keras.layers.Dense(4, activation="relu", name="fc"),
     ...     keras.layers.Dense(2, name="head")])
-    >>> deeper = keras_sp.deepen(model, after="fc", units=4)
+    >>> deeper = deepen(model, after="fc", units=4)
     >>> [layer.name for layer in deeper.layers[1:]]
     ['fc', 'fc_deepen', 'fc_deepen_scale', 'head']
 

@@ -211,6 +211,19 @@ def test_regularize_after_deepen_treats_the_new_layer_as_new():
     shared = set(keras_sp.starting_point(deeper))
     assert "fc/kernel" in shared and "conv1/kernel" in shared
     assert not {"fc_deepen/kernel", "head/kernel"} & shared
+    # The original model as the starting point: matched across the lost
+    # Sequential scope ("small_cnn/head/kernel" -> "head/kernel").
+    keras_sp.regularize(
+        deeper,
+        "l2_sp",
+        alpha=0.1,
+        new_layers=["fc_deepen"],
+        starting_point=model,
+    )
+    w0 = keras_sp.starting_point(deeper)
+    np.testing.assert_array_equal(
+        w0["head/kernel"], model.get_layer("head").kernel.numpy()
+    )
 
 
 def test_keras_sp_penalties_are_not_carried_over():

@@ -271,8 +271,8 @@ def summarize(runs, config):
     Returns:
         A Markdown string: per `per_class`, one row per method with the test
         accuracy (mean ± sample std over seeds), the difference to
-        `fine_tuning` paired by seed (mean ± sample std) and the number of
-        trainable parameters.
+        `fine_tuning` paired by seed (mean ± sample std; when `fine_tuning`
+        is one of the methods) and the number of trainable parameters.
     """
     by_key = {run["key"]: run for run in runs}
     lines = [
@@ -313,7 +313,11 @@ def summarize(runs, config):
                 for run in done
                 if baseline[run["seed"]] is not None
             ]
-            if method == "fine_tuning" or not paired:
+            if (
+                method == "fine_tuning"
+                or "fine_tuning" not in config.methods
+                or not paired
+            ):
                 delta = "–"
             else:
                 d_mean, d_std = _mean_std(paired)
@@ -336,7 +340,9 @@ def run_grow(config, out, verbose=1):
     Returns:
         The Markdown table.
     """
-    if not isinstance(config, GrowConfig):
+    if isinstance(config, GrowConfig):
+        config.validate()
+    else:
         config = load_config(config, GrowConfig)
     settings = {
         key: value

@@ -111,9 +111,9 @@ class GrowLayer(keras.layers.Wrapper):
     both learn at the same pace.
 
     The wrapped layer's weights are not changed; the new units are the
-    sublayer `new_units` (a layer of the wrapped layer's class, whose
-    variables are named "kernel" and "bias") and γ is this layer's variable
-    "gamma".
+    sublayer `new_units`, named `"<name>_new_units"` (a layer of the wrapped
+    layer's class, whose variables are named "kernel" and "bias"), and γ is
+    this layer's variable "gamma".
 
     With `keras_sp.regularize`, pass `new_units` (not the GrowLayer) in
     `new_layers`: the wrapped layer is pretrained, so it belongs to the
@@ -148,10 +148,11 @@ class GrowLayer(keras.layers.Wrapper):
 
     Example:
 
-    >>> import keras, keras_sp
+    >>> import keras
+    >>> from keras_sp.layers import GrowLayer
     >>> fc = keras.layers.Dense(4, activation="relu")
     >>> fc.build((None, 3))
-    >>> grow = keras_sp.layers.GrowLayer(fc, units=2, scale_init=10.0)
+    >>> grow = GrowLayer(fc, units=2, scale_init=10.0)
     >>> y = grow(keras.ops.ones((1, 3)))
     >>> tuple(y.shape), float(keras.ops.norm(y[:, 4:])) > 0
     ((1, 6), True)
@@ -278,8 +279,9 @@ class ScaledL2Normalization(keras.layers.Layer):
 
     Example:
 
-    >>> import keras, keras_sp
-    >>> layer = keras_sp.layers.ScaledL2Normalization(scale_init=10.0)
+    >>> import keras
+    >>> from keras_sp.layers import ScaledL2Normalization
+    >>> layer = ScaledL2Normalization(scale_init=10.0)
     >>> y = layer(keras.ops.convert_to_tensor([[3.0, 4.0]]))
     >>> [round(float(v), 4) for v in y[0]]
     [6.0, 8.0]
