@@ -293,6 +293,24 @@ def test_bad_input_raises_a_clear_value_error(call, match):
     _assert_untouched(model, before, ["backbone", "head"])
 
 
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.fc = keras.layers.Dense(3, name="fc")
+
+    def call(self, inputs):
+        return self.fc(inputs)
+
+
+def test_subclassed_models_are_rejected():
+    model = _Subclassed()
+    model(np.ones((1, 2), "float32"))
+    assert not _keras_private.is_functional(model)
+    assert _keras_private.is_functional(_two_heads())
+    with pytest.raises(ValueError, match="functional or Sequential.*_Sub"):
+        surgery.widen(model, "fc", 2)
+
+
 def test_deepen_keeps_several_consumers():
     model = _two_heads()
     deeper = surgery.deepen(model, after="fc", units=5)
