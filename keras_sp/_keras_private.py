@@ -4,11 +4,13 @@ Each helper says why public Keras is not enough. `tests/keras_private_test.py`
 fails if a Keras release changes what these helpers rely on.
 """
 
+from keras.src.models.functional import Functional
 from keras.src.saving.keras_saveable import KerasSaveable
 
 __all__ = [
     "KerasSaveable",
     "all_layers",
+    "is_functional",
     "own_trainable_variables",
     "own_variables",
 ]
@@ -46,3 +48,14 @@ def own_variables(layer):
 def own_trainable_variables(layer):
     """The variables `layer` trains when it is trainable (frozen or not)."""
     return list(layer._trainable_variables)
+
+
+def is_functional(model):
+    """Whether `model` is a graph of layers built with `keras.Model(inputs,
+    outputs)` (or a `keras.applications` model), not a subclassed model.
+
+    Public Keras does not export the class of such models; `keras_sp.widen`
+    and `keras_sp.deepen` can only copy a model layer by layer through its
+    graph.
+    """
+    return isinstance(model, Functional)
