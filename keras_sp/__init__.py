@@ -8,11 +8,15 @@ Yosinski's transferability experiments.
 from keras_sp import analysis
 from keras_sp import callbacks
 from keras_sp import datasets
+from keras_sp import layers
 from keras_sp import pretrained
 from keras_sp import regularizers
+from keras_sp import surgery
 from keras_sp.penalties import regularize
 from keras_sp.penalties import starting_point
 from keras_sp.penalties import unregularize
+from keras_sp.surgery import deepen
+from keras_sp.surgery import widen
 
 __version__ = "0.1.0"
 
@@ -20,9 +24,13 @@ __all__ = [
     "analysis",
     "callbacks",
     "datasets",
+    "deepen",
+    "layers",
     "pretrained",
     "regularize",
     "regularizers",
     "starting_point",
+    "surgery",
     "unregularize",
+    "widen",
 ]
