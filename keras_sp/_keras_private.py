@@ -8,7 +8,9 @@ from keras.src.saving.keras_saveable import KerasSaveable
 
 __all__ = [
     "KerasSaveable",
+    "acknowledge_trainable_state",
     "all_layers",
+    "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
 ]
@@ -46,3 +48,25 @@ def own_variables(layer):
 def own_trainable_variables(layer):
     """The variables `layer` trains when it is trainable (frozen or not)."""
     return list(layer._trainable_variables)
+
+
+def optimizer_variables(optimizer):
+    """The model variables a built optimizer updates, in its order.
+
+    Keras optimizers are built once for a list of variables and refuse
+    others afterwards; public Keras does not expose that list.
+    """
+    return list(optimizer._trainable_variables)
+
+
+def acknowledge_trainable_state(model):
+    """Records the model's current `trainable` flags as the compiled ones.
+
+    `fit` and `evaluate` warn when a layer's `trainable` flag changed since
+    `compile`, because the optimizer and the train function would not see the
+    change. keras-sp rebuilds both after every change it makes, so the
+    warning would be false; public Keras has no way to say so.
+    """
+    model._compiled_trainable_state = {
+        layer: layer.trainable for layer in model._flatten_layers()
+    }
