@@ -394,7 +394,7 @@ def _train(config, data, half, model, seed):
             test[0], test[1], batch_size=512, verbose=0
         )
     else:
-        model.fit(train, epochs=config.epochs, verbose=0)
+        model.fit(train, epochs=config.epochs, verbose=0, shuffle=False)
         _, accuracy = model.evaluate(test, verbose=0)
     return float(accuracy)
 
