@@ -9,8 +9,10 @@ from keras.src.saving.keras_saveable import KerasSaveable
 
 __all__ = [
     "KerasSaveable",
+    "acknowledge_trainable_state",
     "all_layers",
     "is_functional",
+    "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
 ]
@@ -59,3 +61,25 @@ def is_functional(model):
     graph.
     """
     return isinstance(model, Functional)
+
+
+def optimizer_variables(optimizer):
+    """The model variables a built optimizer updates, in its order.
+
+    Keras optimizers are built once for a list of variables and refuse
+    others afterwards; public Keras does not expose that list.
+    """
+    return list(optimizer._trainable_variables)
+
+
+def acknowledge_trainable_state(model):
+    """Records the model's current `trainable` flags as the compiled ones.
+
+    `fit` and `evaluate` warn when a layer's `trainable` flag changed since
+    `compile`, because the optimizer and the train function would not see the
+    change. keras-sp rebuilds both after every change it makes, so the
+    warning would be false; public Keras has no way to say so.
+    """
+    model._compiled_trainable_state = {
+        layer: layer.trainable for layer in model._flatten_layers()
+    }

@@ -18,6 +18,7 @@ __all__ = [
 EXPERIMENT_MODULES = (
     "keras_sp.experiments.demo",
     "keras_sp.experiments.grow",
+    "keras_sp.experiments.transferability",
 )
 
 
