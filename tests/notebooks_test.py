@@ -1,0 +1,110 @@
+"""The notebooks: committed without outputs, ready for Colab, and run top to
+bottom at small size (KERAS_SP_SMALL=1), offline."""
+
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIRECTORY = ROOT / "notebooks"
+NOTEBOOKS = (
+    "quickstart.ipynb",
+    "reproducing_l2sp.ipynb",
+    "growing_a_brain.ipynb",
+    "transferability.ipynb",
+)
+COLAB = (
+    "https://colab.research.google.com/github/keras-sp/keras-sp/blob/main/"
+    "notebooks/{name}"
+)
+INSTALL = re.compile(r"^\s+%pip install (--quiet )?keras-sp$", re.MULTILINE)
+
+
+def read(name):
+    return nbformat.read(NOTEBOOK_DIRECTORY / name, as_version=4)
+
+
+def code_cells(notebook):
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def install_cell(notebook):
+    """The cell that installs keras-sp, only where it cannot be imported."""
+    cells = [c for c in code_cells(notebook) if INSTALL.search(c.source)]
+    assert len(cells) == 1, "expected one `%pip install keras-sp` cell"
+    (cell,) = cells
+    assert 'if importlib.util.find_spec("keras_sp") is None:' in cell.source
+    return cell
+
+
+def test_the_notebooks_are_the_four_documented_ones():
+    found = sorted(path.name for path in NOTEBOOK_DIRECTORY.glob("*.ipynb"))
+    assert found == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs_or_execution_counts(name):
+    notebook = read(name)
+    nbformat.validate(notebook)
+    for index, cell in enumerate(code_cells(notebook)):
+        assert cell.outputs == [], f"code cell {index} has outputs"
+        assert cell.execution_count is None, f"code cell {index} has a count"
+        assert "execution" not in cell.metadata, f"code cell {index} timing"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_opens_in_colab_and_installs_keras_sp(name):
+    notebook = read(name)
+    first = notebook.cells[0]
+    assert first.cell_type == "markdown"
+    assert COLAB.format(name=name) in first.source
+    install = install_cell(notebook)
+    assert notebook.cells.index(install) < notebook.cells.index(
+        next(c for c in code_cells(notebook) if "import keras_sp" in c.source)
+    )
+    assert notebook.metadata.kernelspec.name == "python3"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_has_a_small_size_switch_and_uses_the_public_api_only(name):
+    source = "\n".join(cell.source for cell in code_cells(read(name)))
+    assert 'SMALL = os.environ.get("KERAS_SP_SMALL") == "1"' in source
+    private = re.findall(r"keras_sp(?:\.\w+)*\._\w+", source)
+    assert private == []
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_runs_top_to_bottom_at_small_size(name, tmp_path, monkeypatch):
+    # The kernel is a separate process: it imports this checkout of
+    # keras_sp, writes its files and cache under tmp_path, and runs small.
+    path = os.pathsep.join(
+        part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part
+    )
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("KERAS_SP_SMALL", "1")
+    monkeypatch.setenv("KERAS_SP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    notebook = read(name)
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    counts = [cell.execution_count for cell in code_cells(notebook)]
+    assert counts == list(range(1, len(counts) + 1))
+    errors = [
+        output
+        for cell in code_cells(notebook)
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
+    assert errors == []
+    # keras_sp is importable here, so the install cell does nothing.
+    assert install_cell(notebook).outputs == []
