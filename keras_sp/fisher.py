@@ -615,12 +615,15 @@ def load(path, model=None):
 
     Args:
         path: a `.npz` file.
-        model: optional `keras.Model` the Fisher was computed for: its
-            trainable variables and the file must have the same paths and
-            shapes.
+        model: optional `keras.Model` the Fisher was computed for. Every
+            trainable variable needs exactly one entry of its shape, found
+            by its path or a '/'-aligned path suffix (as
+            `keras_sp.regularize` matches them: a reloaded or nested model
+            has other path prefixes), and no entry may be left over.
 
     Returns:
-        A dict `{variable.path: np.ndarray}`.
+        A dict `{variable.path: np.ndarray}`, keyed by the model's variable
+        paths when `model` is given.
 
     Example:
 
@@ -652,38 +655,60 @@ def load(path, model=None):
         fisher = {key: archive[key] for key in archive.files}
     fisher = _check_fisher(fisher, "fisher file")
     if model is not None:
-        _check_matches(fisher, model, f"the Fisher file {path!r}")
+        fisher = _match(fisher, model, f"The Fisher file {path!r}")
     return fisher
 
 
-def _check_matches(fisher, model, what="`fisher`"):
-    """Raises unless `fisher` has exactly the model's trainable variables.
+def _match(fisher, model, what):
+    """`fisher` keyed by the paths of `model`'s trainable variables.
 
-    Args:
-        fisher: `{variable.path: array}`.
-        model: a built `keras.Model`.
-        what: how to name `fisher` in the error.
+    Every trainable variable needs exactly one entry, found by its path or
+    a '/'-aligned path suffix (as `keras_sp.regularize` matches them: a
+    model saved and reloaded, or nested in another, has other path
+    prefixes), of the variable's shape; no entry may be left over.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(
             "`model` must be a keras.Model. Received: model of type "
             f"{type(model).__name__}"
         )
-    expected = {v.path: tuple(v.shape) for v in model.trainable_variables}
-    missing = sorted(set(expected) - set(fisher))
-    extra = sorted(set(fisher) - set(expected))
+    matched, used, missing = {}, set(), []
+    for variable in model.trainable_variables:
+        path = variable.path
+        if path in fisher:
+            candidates = [path]
+        else:
+            candidates = [
+                key
+                for key in fisher
+                if path.endswith("/" + key) or key.endswith("/" + path)
+            ]
+        if len(candidates) > 1:
+            raise ValueError(
+                f"{what} has several entries for variable '{path}' of model "
+                f"'{model.name}': {sorted(candidates)}. Received: entries "
+                f"{sorted(fisher)[:5]}"
+            )
+        if not candidates:
+            missing.append(path)
+            continue
+        key = candidates[0]
+        if tuple(np.shape(fisher[key])) != tuple(variable.shape):
+            raise ValueError(
+                f"{what} does not match model '{model.name}': entry '{key}' "
+                f"has shape {tuple(np.shape(fisher[key]))}, variable "
+                f"'{path}' has shape {tuple(variable.shape)}. Received: "
+                f"{key} of shape {tuple(np.shape(fisher[key]))}"
+            )
+        matched[path] = fisher[key]
+        used.add(key)
+    extra = sorted(set(fisher) - used)
     if missing or extra:
         raise ValueError(
             f"{what} does not match model '{model.name}': "
             f"{len(missing)} trainable variables have no entry "
-            f"(e.g. {missing[:3]}) and {len(extra)} entries name no "
+            f"(e.g. {missing[:3]}) and {len(extra)} entries match no "
             f"trainable variable (e.g. {extra[:3]}). Received: entries "
             f"{sorted(fisher)[:5]}"
         )
-    for key, shape in expected.items():
-        if tuple(np.shape(fisher[key])) != shape:
-            raise ValueError(
-                f"{what} does not match model '{model.name}': entry '{key}' "
-                f"has shape {tuple(np.shape(fisher[key]))}, the variable has "
-                f"shape {shape}. Received: {key}={np.shape(fisher[key])}"
-            )
+    return matched

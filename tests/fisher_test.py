@@ -427,6 +427,18 @@ def test_file_that_does_not_match_the_model(tmp_path):
     fisher.save(renamed, path)
     with pytest.raises(ValueError, match="does not match model.*head/kernel"):
         fisher.load(path, model=model)
+    # Paths match up to a '/'-aligned prefix (a reloaded or nested model).
+    prefixed = {"source/" + key: value for key, value in result.items()}
+    fisher.save(prefixed, path)
+    assert list(fisher.load(path, model=model)) == list(result)
+    prefixed["hidden/kernel"] = result["hidden/kernel"]
+    fisher.save(prefixed, path)
+    with pytest.raises(ValueError, match="1 entries match no.*source/hidden"):
+        fisher.load(path, model=model)
+    prefixed["other/hidden/kernel"] = prefixed.pop("hidden/kernel")
+    fisher.save(prefixed, path)
+    with pytest.raises(ValueError, match="several entries.*hidden/kernel"):
+        fisher.load(path, model=model)
     reshaped = dict(result)
     reshaped["head/kernel"] = np.ones((3, 8), "float32")
     fisher.save(reshaped, path)
