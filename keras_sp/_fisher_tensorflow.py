@@ -15,17 +15,18 @@ second `tf.vectorized_map` over the classes around it: the forward pass,
 which does not depend on the class, is computed once per example, and the
 backward passes of all (class, example) pairs run as one batched graph.
 
-One op has no batched pfor converter in TensorFlow: `Conv2DBackpropFilter`
-(the gradient of a convolution kernel) when both the layer input and the
-output gradient are per-example. TensorFlow then falls back to a
-`tf.while_loop` over examples. While tracing, `squared_score_sums` installs
-an im2col converter instead: the per-example kernel gradient is
-`patches(x_i)^T @ g_i`, with `patches` = `tf.image.extract_patches` (same
-strides, dilations and padding as the convolution), a batched matmul whose
-FLOPs equal those of the ordinary batch kernel gradient. There is no public
-TensorFlow hook for pfor converters; the registry is swapped only while our
-function is traced or run, and the original converter is used for every
-case the im2col one does not cover.
+A few convolution ops have no batched pfor converter in TensorFlow for the
+case per-example gradients meet, and TensorFlow then falls back to a
+`tf.while_loop` over examples: `Conv2DBackpropFilter` (the gradient of a
+convolution kernel) when the layer input and the output gradient are both
+per-example, and the depthwise convolution ops with a shared kernel.
+While our functions are traced and run, `_batched_convolutions` installs
+batched converters for them: the per-example kernel gradient as
+kh * kw batched matmuls (one per kernel tap, with the FLOPs of the batch
+kernel gradient), and the depthwise ops with the loop axis folded into the
+batch axis. There is no public TensorFlow hook for pfor converters; the
+registry is swapped only meanwhile, and TensorFlow's converter is used for
+every case ours do not cover.
 """
 
 import contextlib
@@ -56,18 +57,54 @@ _CONVERTERS = getattr(_pfor, "_pfor_converter_registry", None)
 _CONVERTER_LOCK = threading.RLock()
 
 
+def _windows(images, kernel_size, output_size, strides, dilations, padding):
+    """The inputs each kernel tap (i, j) multiplies, over all outputs.
+
+    Returns kh * kw tensors of shape (batch, H', W', C): tap (i, j) of a
+    convolution meets `images[:, i*d + s*h, j*d + s*w, :]` at output (h, w)
+    (after TensorFlow's "SAME" padding: the extra row or column, if any,
+    goes after).
+    """
+    if padding == b"SAME":
+        paddings = [[0, 0]]
+        for axis in range(2):
+            total = tf.maximum(
+                (output_size[axis] - 1) * strides[axis]
+                + (kernel_size[axis] - 1) * dilations[axis]
+                + 1
+                - tf.shape(images)[axis + 1],
+                0,
+            )
+            paddings.append([total // 2, total - total // 2])
+        paddings.append([0, 0])
+        images = tf.pad(images, paddings)
+    windows = []
+    for i in range(kernel_size[0]):
+        for j in range(kernel_size[1]):
+            top, left = i * dilations[0], j * dilations[1]
+            bottom = top + (output_size[0] - 1) * strides[0] + 1
+            right = left + (output_size[1] - 1) * strides[1] + 1
+            windows.append(
+                images[:, top : bottom : strides[0], left : right : strides[1]]
+            )
+    return windows
+
+
 def _conv2d_backprop_filter_per_example(original):
-    """A pfor converter for per-example convolution kernel gradients."""
+    """A pfor converter for per-example convolution kernel gradients.
+
+    The kernel gradient of one example is, for each tap (i, j) of the
+    kernel, `window_ij(x)^T @ g` over the output positions: kh * kw batched
+    matmuls, with the FLOPs of the batch kernel gradient.
+    """
 
     def convert(pfor_input):
         _, inputs_stacked, _ = pfor_input.input(0)
-        data_format = pfor_input.get_attr("data_format")
-        padding = pfor_input.get_attr("padding")
         kernel_shape = pfor_input.op.outputs[0].shape
         if (
             not inputs_stacked
-            or data_format != b"NHWC"
-            or padding not in (b"SAME", b"VALID")
+            or pfor_input.get_attr("data_format") != b"NHWC"
+            or pfor_input.get_attr("padding") not in (b"SAME", b"VALID")
             or kernel_shape.rank != 4
             or kernel_shape[0] is None
             or kernel_shape[1] is None
@@ -76,28 +113,35 @@ def _conv2d_backprop_filter_per_example(original):
         pfor_input.stack_inputs(stack_indices=[0, 2])
         inputs = pfor_input.stacked_input(0)  # (n, b, H, W, C_in)
         grads = pfor_input.stacked_input(2)  # (n, b, H', W', C_out)
-        height, width = kernel_shape[0], kernel_shape[1]
-        strides = list(pfor_input.get_attr("strides"))
-        dilations = list(pfor_input.get_attr("dilations"))
         loop_length = tf.shape(inputs)[0]
         channels_in = tf.shape(inputs)[-1]
         channels_out = tf.shape(grads)[-1]
-        images = tf.reshape(inputs, tf.concat([[-1], tf.shape(inputs)[2:]], 0))
-        patches = tf.image.extract_patches(
-            images,
-            sizes=[1, height, width, 1],
-            strides=strides,
-            rates=dilations,
-            padding=padding.decode(),
+        windows = _windows(
+            _fold(inputs),
+            (kernel_shape[0], kernel_shape[1]),
+            (tf.shape(grads)[2], tf.shape(grads)[3]),
+            pfor_input.get_attr("strides")[1:3],
+            pfor_input.get_attr("dilations")[1:3],
+            pfor_input.get_attr("padding"),
         )
-        if not patches.shape[1:3].is_compatible_with(grads.shape[2:4]):
-            return original(pfor_input)
-        patches = tf.reshape(patches, [loop_length, -1, tf.shape(patches)[-1]])
         grads = tf.reshape(grads, [loop_length, -1, channels_out])
-        kernels = tf.matmul(patches, grads, transpose_a=True)
+        taps = [
+            tf.matmul(
+                tf.reshape(window, [loop_length, -1, channels_in]),
+                grads,
+                transpose_a=True,
+            )
+            for window in windows
+        ]
         kernels = tf.reshape(
-            kernels,
-            [loop_length, height, width, channels_in, channels_out],
+            tf.stack(taps, axis=1),
+            tf.concat(
+                [
+                    [loop_length, kernel_shape[0], kernel_shape[1]],
+                    [channels_in, -1],
+                ],
+                0,
+            ),
         )
         return _pfor.wrap(kernels, True)
 
@@ -184,26 +228,6 @@ def _depthwise_conv_backprop_filter(original):
     return convert
 
 
-def _extract_image_patches(_):
-    """Patches of per-iteration images: the loop axis joins the batch.
-
-    TensorFlow has no converter for this op (it would loop).
-    """
-
-    def convert(pfor_input):
-        outputs = tf.raw_ops.ExtractImagePatches(
-            images=_fold(pfor_input.stacked_input(0)),
-            ksizes=pfor_input.get_attr("ksizes"),
-            strides=pfor_input.get_attr("strides"),
-            rates=pfor_input.get_attr("rates"),
-            padding=pfor_input.get_attr("padding"),
-        )
-        loop_length = pfor_input.pfor.loop_len_vector[0]
-        return _pfor.wrap(_unfold(outputs, loop_length), True)
-
-    return convert
-
-
 # Converters installed while our functions are traced: op type -> a
 # function of TensorFlow's converter (None when it has none).
 _BATCHED_CONVERTERS = {
@@ -211,7 +235,6 @@ _BATCHED_CONVERTERS = {
     "DepthwiseConv2dNative": _depthwise_conv,
     "DepthwiseConv2dNativeBackpropInput": _depthwise_conv_backprop_input,
     "DepthwiseConv2dNativeBackpropFilter": _depthwise_conv_backprop_filter,
-    "ExtractImagePatches": _extract_image_patches,
 }
 
 

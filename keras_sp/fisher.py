@@ -49,6 +49,9 @@ MODES = ("exact", "sampled", "empirical")
 MAX_GRADIENT_ENTRIES = 2**26
 MAX_PAIRS = 1024
 
+# Examples of the first batch the model's outputs are inspected on.
+_PROBE_EXAMPLES = 8
+
 # Tolerance on the row sums of outputs that are taken as probabilities.
 _PROBABILITY_TOLERANCE = 1e-3
 
@@ -421,8 +424,10 @@ def diagonal_fisher(
             "`data` is empty: the Fisher information is an average over "
             "examples. Received: data with 0 examples"
         )
+    # A few examples tell what the model outputs.
+    probe = tree.map_structure(lambda a: a[:_PROBE_EXAMPLES], first[0])
     num_classes = _check_outputs(
-        backend.inspect_outputs(model, first[0]), from_logits
+        backend.inspect_outputs(model, probe), from_logits
     )
     if mode == "empirical":
         if first[1] is None:

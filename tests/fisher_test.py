@@ -82,9 +82,10 @@ def dense_model(num_classes=3, activation="softmax", head_scale=3.0):
 
 
 def conv_model(num_classes=10):
-    """Strided, dilated and depthwise convolutions with BatchNormalization
-    whose moving statistics differ from any batch's."""
-    inputs = keras.Input((11, 11, 2))
+    """Strided (with uneven "same" padding), dilated, depthwise and 1x1
+    convolutions, with BatchNormalization whose moving statistics differ
+    from any batch's."""
+    inputs = keras.Input((10, 10, 2))
     x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="conv1")(
         inputs
     )
@@ -177,7 +178,7 @@ def test_dense_model_every_mode_equals_brute_force():
 
 def test_conv_batchnorm_model_every_mode_equals_brute_force():
     model = conv_model(10)
-    x, y = data((11, 11, 2), 5, 10)
+    x, y = data((10, 10, 2), 5, 10)
     G, p = squared_scores(model, x, outputs_are_probabilities=False)
     # BatchNormalization's mode matters here: batch statistics differ (on a
     # copy: training mode updates the moving statistics).
