@@ -38,6 +38,8 @@ import tensorflow as tf
 from keras import tree
 from tensorflow.python.ops.parallel_for import pfor as _pfor
 
+from keras_sp import _keras_private
+
 __all__ = [
     "inspect_outputs",
     "squared_score_sums",
@@ -264,11 +266,11 @@ def _output_kind(output):
     """`"softmax"`, `"sigmoid"` or None, and the logits when found.
 
     Keras's `softmax` and `sigmoid` record their input on the (symbolic)
-    output as `_keras_logits`, which Keras's own crossentropy uses; an
-    output made by a raw `Softmax` op is recognised by its op type.
+    output, as Keras's own crossentropy uses; an output made by a raw
+    `Softmax` op is recognised by its op type.
     """
     op_type = getattr(getattr(output, "op", None), "type", None)
-    logits = getattr(output, "_keras_logits", None)
+    logits = _keras_private.keras_logits(output)
     if op_type == "Sigmoid":
         return "sigmoid", logits
     if op_type == "Softmax" and logits is None:

@@ -9,6 +9,7 @@ from keras.src.saving.keras_saveable import KerasSaveable
 __all__ = [
     "KerasSaveable",
     "all_layers",
+    "keras_logits",
     "own_trainable_variables",
     "own_variables",
 ]
@@ -46,3 +47,15 @@ def own_variables(layer):
 def own_trainable_variables(layer):
     """The variables `layer` trains when it is trainable (frozen or not)."""
     return list(layer._trainable_variables)
+
+
+def keras_logits(tensor):
+    """The logits a Keras `softmax` (or `sigmoid`) computed `tensor` from.
+
+    On the TensorFlow backend, `keras.activations.softmax` and
+    `keras.ops.softmax` record their input on the symbolic output as
+    `_keras_logits`, which Keras's crossentropy reads back to work from
+    logits instead of log(0); there is no public accessor. Returns None for
+    other tensors (and for eager tensors, which cannot carry it).
+    """
+    return getattr(tensor, "_keras_logits", None)

@@ -183,6 +183,13 @@ class FisherInformation(keras.callbacks.Callback):
                 f"source_data={_describe(source_data)}, "
                 f"fisher={_describe(fisher)}"
             )
+        if fisher is not None and source_model is not None:
+            raise ValueError(
+                "`source_model` computes the Fisher information from "
+                "`source_data`; with a precomputed `fisher` it is not used. "
+                "Received: fisher and source_model="
+                f"{getattr(source_model, 'name', source_model)!r}"
+            )
         if kind not in penalties.FISHER_KINDS:
             raise ValueError(
                 f"`kind` must be one of {list(penalties.FISHER_KINDS)}. "

@@ -22,6 +22,7 @@ Reference:
     networks". PNAS 2017.
 """
 
+import itertools
 import math
 import os
 import tempfile
@@ -95,8 +96,8 @@ def _check_unique_paths(variables):
     if repeated:
         raise ValueError(
             "The Fisher information is keyed by `variable.path`, but several "
-            f"trainable variables share a path: {repeated[:3]}. Give the "
-            "layers unique names."
+            f"trainable variables share a path. Give the layers unique "
+            f"names. Received: repeated paths {repeated[:3]}"
         )
 
 
@@ -357,33 +358,118 @@ def diagonal_fisher(
     Example:
 
     >>> import keras, numpy as np, keras_sp
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    >>> model = keras.Sequential(
+    ...     [keras.Input((3,)), keras.layers.Dense(4, name="head")], name="net")
     >>> x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
     >>> fisher = keras_sp.fisher.diagonal_fisher(model, x)
-    >>> sorted(fisher), fisher["dense/kernel"].shape
-    (['dense/bias', 'dense/kernel'], (3, 4))
+    >>> [(path, value.shape) for path, value in fisher.items()]
+    [('net/head/kernel', (3, 4)), ('net/head/bias', (4,))]
 
     Reference:
         Li, Grandvalet, Davoine, ICML 2018, section 3 (below eq. 4).
     """
+    _check_arguments(mode, from_logits, verbose)
+    samples = _check_int("samples", samples, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    max_examples = _check_int("max_examples", max_examples, 1, True)
+    seed = _check_int("seed", seed, 0, True)
+    backend = _backend()
+    variables = _trainable_variables(model)
+
+    if _is_dataset(data):
+        _check_batched(model, data)
+        total = max_examples  # unknown for an unbounded dataset
+        size = batch_size if total is None else min(batch_size, total)
+    else:
+        x, y = _split(data)
+        total = _length(x, y)
+        if max_examples is not None:
+            total = min(total, max_examples)
+        size = max(1, min(batch_size, total))
+    batches = _batches(data, size, max_examples)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(
+            "`data` is empty: the Fisher information is an average over "
+            "examples. Received: data with 0 examples"
+        )
+    # A few examples tell what the model outputs.
+    probe = tree.map_structure(lambda a: a[:_PROBE_EXAMPLES], first[0])
+    num_classes = _check_outputs(
+        backend.inspect_outputs(model, probe), from_logits
+    )
+    if mode == "empirical":
+        if first[1] is None:
+            raise ValueError(_NO_LABELS)
+        if not _is_dataset(data):
+            _class_labels(_to_numpy(y)[:total], num_classes)
+    if mode == "sampled" and seed is None:
+        seed = int(np.random.randint(2**31 - 1))
+
+    run = backend.squared_score_sums(
+        model,
+        variables,
+        mode=mode,
+        samples=samples,
+        num_classes=num_classes,
+        from_logits=from_logits,
+    )
+    row_chunks = _row_chunks(
+        _rows(mode, samples, num_classes),
+        size,
+        sum(math.prod(v.shape) for v in variables),
+    )
+    progbar = None
+    if verbose:
+        progbar = keras.utils.Progbar(
+            total, verbose=verbose, unit_name="example"
+        )
+    sums = [np.zeros(v.shape, "float64") for v in variables]
+    seen = 0
+    for index, (x, y, count) in enumerate(itertools.chain([first], batches)):
+        labels = np.zeros(size, "int32")
+        if mode == "empirical":
+            if y is None:
+                raise ValueError(_NO_LABELS)
+            labels = _pad(_class_labels(y, num_classes), size)
+        x = tree.map_structure(lambda a: _pad(a, size), x)
+        mask = (np.arange(size) < count).astype("float32")
+        for rows in row_chunks:
+            parts = run(x, labels, mask, [seed or 0, index], rows)
+            for total_sum, part in zip(sums, parts, strict=True):
+                total_sum += part
+        seen += count
+        if progbar is not None:
+            progbar.update(seen)
+    if progbar is not None and seen != total:
+        progbar.update(seen, finalize=True)
+    return _averages(variables, sums, seen)
+
+
+_NO_LABELS = (
+    'mode="empirical" uses the data\'s labels, but `data` has none: pass '
+    '`(x, y)`, or use mode="exact" (the paper\'s Fisher), which needs no '
+    "labels. Received: data without labels"
+)
+
+
+def _check_arguments(mode, from_logits, verbose):
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(
             f"`mode` must be one of {list(MODES)}. Received: mode={mode!r}"
         )
-    samples = _check_int("samples", samples, 1)
     if from_logits not in (None, True, False):
         raise ValueError(
             "`from_logits` must be None, True or False. Received: "
             f"from_logits={from_logits!r}"
         )
-    batch_size = _check_int("batch_size", batch_size, 1)
-    max_examples = _check_int("max_examples", max_examples, 1, True)
-    seed = _check_int("seed", seed, 0, True)
     if isinstance(verbose, bool) or verbose not in (0, 1, 2):
         raise ValueError(
             f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}"
         )
-    backend = _backend()
+
+
+def _trainable_variables(model):
     if not isinstance(model, keras.Model):
         raise ValueError(
             "`model` must be a keras.Model. Received: model of type "
@@ -401,61 +487,23 @@ def diagonal_fisher(
             f"Fisher information to compute. Received: model={model.name!r}"
         )
     _check_unique_paths(variables)
+    return variables
 
-    if _is_dataset(data):
-        _check_batched(model, data)
-        size = (
-            batch_size
-            if max_examples is None
-            else min(batch_size, max_examples)
-        )
-        target = max_examples
-    else:
-        x, y = _split(data)
-        total = _length(x, y)
-        if max_examples is not None:
-            total = min(total, max_examples)
-        size = max(1, min(batch_size, total))
-        target = total
-    batches = _batches(data, size, max_examples)
-    first = next(batches, None)
-    if first is None:
-        raise ValueError(
-            "`data` is empty: the Fisher information is an average over "
-            "examples. Received: data with 0 examples"
-        )
-    # A few examples tell what the model outputs.
-    probe = tree.map_structure(lambda a: a[:_PROBE_EXAMPLES], first[0])
-    num_classes = _check_outputs(
-        backend.inspect_outputs(model, probe), from_logits
-    )
-    if mode == "empirical":
-        if first[1] is None:
-            raise ValueError(
-                'mode="empirical" uses the data\'s labels, but `data` has '
-                'none: pass `(x, y)`, or use mode="exact" (the paper\'s '
-                "Fisher) which needs no labels. Received: data without labels"
-            )
-        if not _is_dataset(data):
-            _class_labels(_to_numpy(y)[:target], num_classes)
-    if seed is None:
-        seed = int(np.random.randint(2**31 - 1))
 
-    run = backend.squared_score_sums(
-        model,
-        variables,
-        mode=mode,
-        samples=samples,
-        num_classes=num_classes,
-        from_logits=from_logits,
-    )
+def _rows(mode, samples, num_classes):
+    """Backward passes per example: all classes in "exact", and in
+    "sampled" the draws, or the classes (weighted by counts) when there are
+    at least as many draws as classes."""
     if mode == "exact" or (mode == "sampled" and samples >= num_classes):
-        rows = num_classes
-    elif mode == "sampled" and samples > 1:
-        rows = samples
-    else:
-        rows = 1
-    parameters = sum(math.prod(v.shape) for v in variables)
+        return num_classes
+    if mode == "sampled":
+        return samples
+    return 1
+
+
+def _row_chunks(rows, size, parameters):
+    """Splits the rows so that one call holds at most MAX_GRADIENT_ENTRIES
+    per-example gradient entries and MAX_PAIRS (example, row) pairs."""
     per_call = max(
         1,
         min(
@@ -464,47 +512,15 @@ def diagonal_fisher(
             MAX_PAIRS // size,
         ),
     )
-    row_chunks = np.array_split(
+    return np.array_split(
         np.arange(rows, dtype="int32"), math.ceil(rows / per_call)
     )
 
-    sums = [np.zeros(v.shape, "float64") for v in variables]
-    progbar = None
-    if verbose:
-        progbar = keras.utils.Progbar(
-            target, verbose=verbose, unit_name="example"
-        )
-    seen = 0
-    batch = first
-    index = 0
-    while batch is not None:
-        x, y, count = batch
-        labels = np.zeros(size, "int32")
-        if mode == "empirical":
-            if y is None:
-                raise ValueError(
-                    'mode="empirical" uses the data\'s labels, but a batch '
-                    "of `data` has none. Received: data without labels"
-                )
-            labels = _pad(_class_labels(y, num_classes), size)
-        x = tree.map_structure(lambda a: _pad(a, size), x)
-        mask = (np.arange(size) < count).astype("float32")
-        for chunk in row_chunks:
-            for total_sum, part in zip(
-                sums, run(x, labels, mask, [seed, index], chunk), strict=True
-            ):
-                total_sum += part
-        seen += count
-        index += 1
-        if progbar is not None:
-            progbar.update(seen)
-        batch = next(batches, None)
-    if progbar is not None and target is None:
-        progbar.update(seen, finalize=True)
 
+def _averages(variables, sums, count):
     fisher = {}
     for variable, total_sum in zip(variables, sums, strict=True):
-        value = (total_sum / seen).astype(variable.dtype)
+        value = (total_sum / count).astype(variable.dtype)
         if not np.all(np.isfinite(value)):
             raise ValueError(
                 f"The Fisher information of variable '{variable.path}' is not "

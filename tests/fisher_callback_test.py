@@ -115,6 +115,18 @@ def test_precomputed_fisher_epsilon_and_clip(tmp_path):
         np.testing.assert_allclose(
             attached_fisher, np.minimum(F["features/kernel"], clip) + 0.01
         )
+    model = build_target()
+    callback = FisherInformation(
+        fisher=F, kind="group_lasso_sp_fisher", alpha=0.1, new_layers=["head"]
+    )
+    compiled(model).fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    (regularizer,) = [
+        r
+        for _, v, r in penalties.attached_penalties(model)
+        if v.path == "features/kernel"
+    ]
+    assert isinstance(regularizer, keras_sp.regularizers.GroupLassoSP)
+    np.testing.assert_array_equal(regularizer.fisher, F["features/kernel"])
 
 
 class Crash(keras.callbacks.Callback):
@@ -235,6 +247,8 @@ def test_bad_inputs(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             FisherInformation(**kwargs)
+    with pytest.raises(ValueError, match="source_model='target'"):
+        FisherInformation(fisher={}, source_model=build_target(), alpha=0.1)
     with pytest.raises(FileNotFoundError):
         FisherInformation(fisher=tmp_path / "missing.npz", alpha=0.1)
     model = compiled(build_target())
