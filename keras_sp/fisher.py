@@ -324,10 +324,12 @@ def diagonal_fisher(
     Gradients are per example (vectorised over a batch, never the square
     of a batch gradient), in inference mode: BatchNormalization uses its
     moving statistics, Dropout is off, and no weight or statistic of the
-    model changes. In `"exact"` mode the K classes are differentiated in
-    chunks so that one call holds at most `MAX_GRADIENT_ENTRIES` gradient
-    entries and `MAX_PAIRS` (example, class) pairs; memory otherwise grows
-    with `batch_size`.
+    model changes. Several backward passes per example (the K classes of
+    `"exact"`, the draws of `"sampled"`) run in chunks so that one call
+    holds at most `MAX_GRADIENT_ENTRIES` per-example gradient entries and
+    `MAX_PAIRS` (example, class) pairs. The first call for a model traces
+    and vectorises its gradient (seconds to minutes for a deep network);
+    later calls with the same settings reuse it.
 
     Args:
         model: a built `keras.Model` with one output of shape (batch, K),
@@ -343,7 +345,9 @@ def diagonal_fisher(
             otherwise treats the outputs as logits. True: the outputs are
             logits. False: they are probabilities (their log is taken, after
             clipping at 1e-7, unless a final softmax gives the logits).
-        batch_size: examples per vectorised batch.
+        batch_size: examples per vectorised batch. Memory grows with
+            `batch_size` times the number of parameters (the per-example
+            gradients): lower it for large models.
         max_examples: optional int, use at most this many examples.
         seed: int seed of the draws in `"sampled"` mode; None draws one from
             NumPy's global generator (`keras.utils.set_random_seed` makes it
