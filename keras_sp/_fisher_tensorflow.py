@@ -20,13 +20,13 @@ case per-example gradients meet, and TensorFlow then falls back to a
 `tf.while_loop` over examples: `Conv2DBackpropFilter` (the gradient of a
 convolution kernel) when the layer input and the output gradient are both
 per-example, and the depthwise convolution ops with a shared kernel.
-While our functions are traced and run, `_batched_convolutions` installs
+While our functions are traced, `_batched_convolutions` installs
 batched converters for them: the per-example kernel gradient as
 kh * kw batched matmuls (one per kernel tap, with the FLOPs of the batch
 kernel gradient), and the depthwise ops with the loop axis folded into the
 batch axis. There is no public TensorFlow hook for pfor converters; the
-registry is swapped only meanwhile, and TensorFlow's converter is used for
-every case ours do not cover.
+registry is swapped only while our functions are traced, and TensorFlow's
+converter is used for every case ours do not cover.
 """
 
 import contextlib
@@ -421,15 +421,17 @@ def squared_score_sums(
     compiled = functions[key]
 
     def run(x, labels, mask, seed, rows):
+        arguments = (
+            tree.map_structure(tf.convert_to_tensor, x),
+            tf.convert_to_tensor(labels, "int32"),
+            tf.convert_to_tensor(mask, "float32"),
+            tf.convert_to_tensor(seed, "int64"),
+            tf.convert_to_tensor(rows, "int32"),
+        )
+        # Our converters are needed while tracing only.
         with _batched_convolutions():
-            sums = compiled(
-                x,
-                tf.convert_to_tensor(labels, "int32"),
-                tf.convert_to_tensor(mask, "float32"),
-                tf.convert_to_tensor(seed, "int64"),
-                tf.convert_to_tensor(rows, "int32"),
-            )
-        return [s.numpy() for s in sums]
+            concrete = compiled.get_concrete_function(*arguments)
+        return [s.numpy() for s in concrete(*arguments)]
 
     return run
 

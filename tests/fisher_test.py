@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
+from keras_sp import _keras_private
 from keras_sp import fisher
 
 # Brute force: a Python loop over examples and classes, one plain
@@ -533,3 +534,18 @@ def test_models_that_are_not_one_classifier(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(ValueError, match="TensorFlow.*backend='jax'"):
         fisher.diagonal_fisher(one_unit, x)
+
+
+def test_keras_records_the_logits_of_a_softmax():
+    # `_keras_private.keras_logits` relies on this (traced tensors only).
+    found = []
+
+    @tf.function
+    def call(logits):
+        probabilities = keras.activations.softmax(logits)
+        found.append(_keras_private.keras_logits(probabilities) is logits)
+        return probabilities
+
+    call(tf.ones((1, 3)))
+    assert found == [True]
+    assert _keras_private.keras_logits(tf.ones((1, 3))) is None
