@@ -29,6 +29,7 @@ EXPERIMENT_MODULES = (
     "keras_sp.experiments.demo",
     "keras_sp.experiments.grow",
     "keras_sp.experiments.transferability",
+    "keras_sp.experiments.fisher",
 )
 
 
