@@ -15,17 +15,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _subcommands():
-    """`(module, subcommand name)` for every experiment module."""
-    pairs = []
+    """`{subcommand name: its parser}` for every experiment module."""
+    parsers = {}
     for module in cli.EXPERIMENT_MODULES:
         subparsers = argparse.ArgumentParser().add_subparsers()
         importlib.import_module(module).add_parser(subparsers)
         assert len(subparsers.choices) == 1, module
-        pairs.append((module, next(iter(subparsers.choices))))
-    return pairs
+        parsers.update(subparsers.choices)
+    return parsers
 
 
 SUBCOMMANDS = _subcommands()
+# The subcommands that read a JSON config file.
+WITH_CONFIG = [
+    name
+    for name, parser in SUBCOMMANDS.items()
+    if "--config" in parser.format_help()
+]
 
 
 def _console_script(*args):
@@ -43,9 +49,7 @@ def _console_script(*args):
     )
 
 
-@pytest.mark.parametrize(
-    "command", [name for _, name in SUBCOMMANDS], ids=lambda name: name
-)
+@pytest.mark.parametrize("command", list(SUBCOMMANDS), ids=str)
 def test_every_subcommand_has_help_naming_its_out_folder(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
@@ -67,13 +71,15 @@ def test_no_arguments_prints_usage_and_exits_2(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("usage: keras-sp ")
-    for _, command in SUBCOMMANDS:
+    for command in SUBCOMMANDS:
         assert command in captured.err
 
 
-@pytest.mark.parametrize(
-    "command", [name for _, name in SUBCOMMANDS], ids=lambda name: name
-)
+def test_the_experiments_read_config_files():
+    assert {"demo", "grow", "transferability"} <= set(WITH_CONFIG)
+
+
+@pytest.mark.parametrize("command", WITH_CONFIG, ids=str)
 def test_missing_config_file_is_a_one_line_error(command, tmp_path, capsys):
     missing = tmp_path / "missing.json"
     out = tmp_path / "out"
@@ -88,7 +94,7 @@ def test_missing_config_file_is_a_one_line_error(command, tmp_path, capsys):
 
 def test_debug_raises_instead(tmp_path):
     missing = tmp_path / "missing.json"
-    command = SUBCOMMANDS[0][1]
+    command = WITH_CONFIG[0]
     with pytest.raises(ValueError, match="missing.json"):
         cli.main(["--debug", command, "--config", str(missing)])
 
