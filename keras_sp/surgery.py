@@ -138,15 +138,15 @@ def _consumer_initializer(value):
 
 
 def _hint(consumer):
-    """Where to widen instead, when `consumer` is part of a residual network."""
+    """Where to widen instead, when `consumer` keeps the width it has."""
     if isinstance(
         consumer, (keras.layers.BatchNormalization, keras.layers.Add)
     ):
         return (
-            "In a residual network (a keras.applications ResNet, KerasHub's "
-            "ResNetBackbone) every convolution feeds a BatchNormalization or "
-            "a residual addition: widen a Dense or Conv2D layer after the "
-            "backbone (on its pooled features), or use `deepen`. "
+            "A BatchNormalization or a residual addition keeps its width: in "
+            "a ResNet (keras.applications, KerasHub's ResNetBackbone), widen "
+            "a Dense or Conv2D layer after the backbone (on its pooled "
+            "features), or use `deepen`. "
         )
     return ""
 

@@ -320,7 +320,7 @@ def test_widen_inside_the_backbone_is_a_clear_error(
     with pytest.raises(
         ValueError,
         match=(
-            f"consumer '{consumer}'.*residual network.*after the backbone"
+            f"consumer '{consumer}'.*keeps its width.*after the backbone"
             f".*Received: layer_name='{layer_name}'"
         ),
     ):
