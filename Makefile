@@ -5,12 +5,14 @@ STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Keep TensorFlow's C++ start-up chatter out of the output.
 export TF_CPP_MIN_LOG_LEVEL := 3
+# Keep mkdocs-material's notice about MkDocs 2.0 out of the docs build.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint benchmark data
+.PHONY: demo test lint benchmark data docs docs-serve notebooks
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' \
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,docs,notebooks]' \
 		2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import keras_sp, keras, tensorflow" >/dev/null
 	touch $(STAMP)
@@ -26,9 +28,23 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/keras-sp demo --out results/demo
 
-# The test suite, and every docstring example run as a doctest.
+# The test suite (the docs build and the notebooks at small size included),
+# and every docstring example run as a doctest.
 test: $(STAMP) data
 	$(PY) -m pytest -q tests keras_sp --doctest-modules
+
+# The documentation site in site/, built with warnings as errors, then the
+# check that the API reference documents every public symbol.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+	$(PY) -m pytest -q tests/docs_test.py
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+# The notebooks, run top to bottom at small size (KERAS_SP_SMALL=1), offline.
+notebooks: $(STAMP) data
+	$(PY) -m pytest -q tests/notebooks_test.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
