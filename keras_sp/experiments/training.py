@@ -8,6 +8,7 @@ from keras_sp import analysis
 
 __all__ = [
     "accuracy",
+    "accuracy_and_loss",
     "fine_tune",
     "training_dataset",
 ]
@@ -75,3 +76,15 @@ def accuracy(model, x, y, batch_size=512):
     """Top-1 accuracy of `model` (inference mode) on `(x, y)`."""
     scores = analysis.predict(model, x, batch_size)
     return float(np.mean(np.argmax(scores, axis=-1) == np.asarray(y)))
+
+
+def accuracy_and_loss(model, x, y, batch_size=512):
+    """Top-1 accuracy and mean cross-entropy of a logits model on `(x, y)`."""
+    logits = analysis.predict(model, x, batch_size).astype("float64")
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_probabilities = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    y = np.asarray(y)
+    return (
+        float(np.mean(np.argmax(logits, axis=-1) == y)),
+        float(-np.mean(log_probabilities[np.arange(len(y)), y])),
+    )
