@@ -58,7 +58,9 @@ def test_demo_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
         runs = json.load(handle)["runs"]
     validation = [r for r in runs if r["phase"] == "validation"]
     test = [r for r in runs if r["phase"] == "test"]
-    assert len(validation) == (2 + 1) * 2 and len(test) == 3 * 2
+    # 2 seeds: l2 at 2 alphas and l2_sp at 1 on validation; l2, l2_sp,
+    # l2_sp at the paper's alpha and frozen on test.
+    assert len(validation) == (2 + 1) * 2 and len(test) == 4 * 2
 
     # alpha: the best mean validation accuracy over the matched seeds, ties
     # going to the lower mean validation cross-entropy.
@@ -78,16 +80,25 @@ def test_demo_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
         assert row["alpha"] == max(scores, key=scores.get)
 
     # The table holds the mean and std of the recorded runs.
+    assert [(r["method"], r["alpha"]) for r in rows] == [
+        ("l2", rows[0]["alpha"]),
+        ("l2_sp", 0.01),
+        ("l2_sp", 0.1),
+        ("frozen", 0.0),
+    ]
     for row in rows:
         accuracies = [
-            r["target_accuracy"] for r in test if r["method"] == row["method"]
+            r["target_accuracy"]
+            for r in test
+            if r["method"] == row["method"] and r["alpha"] == row["alpha"]
         ]
         np.testing.assert_allclose(
             row["target_accuracy"], (np.mean(accuracies), np.std(accuracies))
         )
     with open(os.path.join(out, "table.md")) as handle:
         table = handle.read()
-    assert "| frozen |" in table and "| l2_sp |" in table
+    assert "| frozen |" in table and "| l2_sp | 0.01 (validated) |" in table
+    assert "| l2_sp | 0.1 (fixed) |" in table
 
     # A frozen backbone does not move, and keeps the source model's accuracy.
     (_, _), (x_test, y_test) = data
