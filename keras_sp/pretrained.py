@@ -38,13 +38,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_sp.experiments.fashion_source import cache_directory
-
 __all__ = [
     "GRAPH_PACKAGE",
     "GRAPH_PATH",
     "LOGITS_TENSOR",
     "MOBILENET_WEIGHTS_FILE",
+    "cache_directory",
     "convert_mobilenet_v1",
     "frozen_graph_outputs",
     "imagenet_mobilenet",
@@ -61,6 +60,17 @@ MOBILENET_WEIGHTS_FILE = "mobilenet_v1_1.0_224_imagenet.weights.h5"
 _BLOCKS = 13
 _BN = ("gamma", "beta", "moving_mean", "moving_variance")
 _EPSILON_SUFFIX = "BatchNorm/batchnorm/add/y"
+
+
+def cache_directory():
+    """Where keras-sp caches weights and pretrained models.
+
+    `$KERAS_SP_CACHE` when set, else `~/.cache/keras-sp`.
+    """
+    return os.environ.get(
+        "KERAS_SP_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "keras-sp"),
+    )
 
 
 def read_graph_constants(graph_path):
@@ -228,7 +238,7 @@ def convert_mobilenet_v1(graph_path=None, weights_path=None, overwrite=False):
     Args:
         graph_path: a TF-slim MobileNet V1 frozen graph, or None.
         weights_path: output file (default: `MOBILENET_WEIGHTS_FILE` in
-            `keras_sp.experiments.fashion_source.cache_directory()`).
+            `cache_directory()`).
         overwrite: whether an existing `weights_path` may be replaced.
 
     Returns:

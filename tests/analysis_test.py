@@ -31,3 +31,68 @@ def test_weight_drift_rejects_a_misshapen_reference():
     reference = {model.weights[0].path: np.zeros(3)}
     with pytest.raises(ValueError, match="must have shape"):
         keras_sp.analysis.weight_drift(model, reference)
+
+
+def _bn_backbone():
+    import keras
+
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(3, 3, name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(4, 3, name="c2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def test_reestimate_batchnorm_gives_the_exact_statistics_in_order():
+    import keras
+
+    backbone = _bn_backbone()
+    model = keras.Sequential([backbone, keras.layers.Dense(2)])
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(50, 6, 6, 2))
+    x = x.astype("float32")
+    assert keras_sp.analysis.reestimate_batchnorm(model, x, batch_size=16) == 2
+    for name in ("bn1", "bn2"):
+        layer = backbone.get_layer(name)
+        # Brute force, after the update: the layer's input over all of x.
+        inputs = keras.Model(backbone.input, layer.input)(x).numpy()
+        inputs = inputs.astype("float64").reshape(-1, inputs.shape[-1])
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), inputs.mean(axis=0), rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), inputs.var(axis=0), rtol=1e-4
+        )
+
+
+def test_source_task_accuracy_with_both_statistics():
+    import keras
+
+    backbone = _bn_backbone()
+    head = keras.layers.Dense(3)
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 2.0, size=(40, 6, 6, 2)).astype("float32")
+    y = rng.integers(0, 3, size=40)
+    before = [w.copy() for w in backbone.get_weights()]
+    scores = head(backbone(x, training=False)).numpy()
+    expected = np.mean(np.argmax(scores, axis=-1) == y)
+    assert keras_sp.analysis.source_task_accuracy(
+        backbone, head, x, y
+    ) == pytest.approx(expected)
+
+    copy = keras.models.clone_model(backbone)
+    copy.set_weights(backbone.get_weights())
+    keras_sp.analysis.reestimate_batchnorm(copy, x)
+    scores = head(copy(x, training=False)).numpy()
+    expected = np.mean(np.argmax(scores, axis=-1) == y)
+    assert keras_sp.analysis.source_task_accuracy(
+        backbone, head, x, y, batchnorm="reestimated"
+    ) == pytest.approx(expected)
+    for old, new in zip(before, backbone.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    with pytest.raises(ValueError, match="batchnorm='moving'"):
+        keras_sp.analysis.source_task_accuracy(
+            backbone, head, x, y, batchnorm="moving"
+        )

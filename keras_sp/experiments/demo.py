@@ -61,6 +61,8 @@ class DemoConfig:
         batch_size: batch size.
         learning_rate: initial learning rate (divided by 10 after 2/3).
         pretrain_epochs: epochs of the source model's training.
+        source_width: filters of the source CNN's first convolution; its
+            head reads the pooled features, as a ResNet's classifier does.
     """
 
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
@@ -77,6 +79,7 @@ class DemoConfig:
     batch_size: int = 32
     learning_rate: float = 0.01
     pretrain_epochs: int = 4
+    source_width: int = 32
 
     def validate(self):
         if not self.seeds:
@@ -103,7 +106,7 @@ class DemoConfig:
                 keras_sp.regularizers.check_coefficient(
                     f"alpha_grid.{kind}", alpha
                 )
-        for name in ("per_class", "iterations", "batch_size"):
+        for name in ("per_class", "iterations", "batch_size", "source_width"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"Config key '{name}' must be positive. Received: "
@@ -168,7 +171,10 @@ def run_demo(config, out, verbose=1):
     started = time.time()
     log = print if verbose else (lambda *args, **kwargs: None)
     source, source_accuracy = fashion_source.pretrained_source_model(
-        epochs=config.pretrain_epochs, verbose=2 if verbose else 0
+        epochs=config.pretrain_epochs,
+        width=config.source_width,
+        fc_units=None,
+        verbose=2 if verbose else 0,
     )
     log(f"Source model (classes 0-4): test accuracy {source_accuracy:.3f}")
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()

@@ -14,27 +14,18 @@ import keras
 import numpy as np
 
 from keras_sp.datasets import load_fashion_mnist
+from keras_sp.pretrained import cache_directory
 
 __all__ = [
     "SOURCE_CLASSES",
     "TARGET_CLASSES",
     "build_small_cnn",
-    "cache_directory",
     "pretrained_source_model",
     "select_classes",
 ]
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
-
-
-def cache_directory():
-    """Where keras-sp caches pretrained models: `$KERAS_SP_CACHE` or
-    `~/.cache/keras-sp`."""
-    return os.environ.get(
-        "KERAS_SP_CACHE",
-        os.path.join(os.path.expanduser("~"), ".cache", "keras-sp"),
-    )
 
 
 def build_small_cnn(
@@ -91,7 +82,13 @@ def select_classes(images, labels, classes):
 
 
 def pretrained_source_model(
-    epochs=4, seed=0, batch_size=128, fc_units=128, verbose=1, cache=True
+    epochs=4,
+    seed=0,
+    batch_size=128,
+    width=16,
+    fc_units=128,
+    verbose=1,
+    cache=True,
 ):
     """The small CNN trained on Fashion-MNIST classes 0-4 (cached on disk).
 
@@ -103,6 +100,7 @@ def pretrained_source_model(
         epochs: training epochs over the 30,000 source images.
         seed: seed of the initialization and shuffling.
         batch_size: training batch size.
+        width: see `build_small_cnn`.
         fc_units: see `build_small_cnn`.
         verbose: Keras verbosity while training.
         cache: whether to read and write the cache.
@@ -115,6 +113,7 @@ def pretrained_source_model(
         "epochs": epochs,
         "seed": seed,
         "batch_size": batch_size,
+        "width": width,
         "fc_units": fc_units,
         "keras": keras.__version__,
         "version": 2,
@@ -133,7 +132,10 @@ def pretrained_source_model(
     x_test, y_test = select_classes(x_test, y_test, SOURCE_CLASSES)
     keras.utils.set_random_seed(seed)
     model = build_small_cnn(
-        len(SOURCE_CLASSES), fc_units=fc_units, head_name="source_head"
+        len(SOURCE_CLASSES),
+        width=width,
+        fc_units=fc_units,
+        head_name="source_head",
     )
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     model.compile(
