@@ -15,7 +15,10 @@ __all__ = [
     "main",
 ]
 
-EXPERIMENT_MODULES = ("keras_sp.experiments.demo",)
+EXPERIMENT_MODULES = (
+    "keras_sp.experiments.demo",
+    "keras_sp.experiments.finetune",
+)
 
 
 def build_parser():
