@@ -347,3 +347,48 @@ def test_command_line_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2
     assert error.count("\n") == 1
     assert error.startswith("keras-sp finetune: error: Config key 'batch_size'")
+
+
+def test_choices_of_one_data_set_serve_the_others_with_select_on():
+    values = {
+        "target": "fashion_mnist",
+        "preprocessing": "mobilenet",
+        "per_class": [30, 60],
+        "kinds": ["l2", "l2_sp"],
+        "alpha_grid": {"l2": [1e-4], "l2_sp": [0.01, 0.1]},
+        "learning_rate_grid": [0.003, 0.01],
+    }
+
+    def run(per_class, kind, alpha, rate, accuracy):
+        return {
+            "dataset": f"fashion_mnist_{per_class}",
+            "phase": "validation",
+            "kind": kind,
+            "alpha": alpha,
+            "beta": 0.01,
+            "learning_rate": rate,
+            "seed": 100,
+            "validation_accuracy": accuracy,
+        }
+
+    runs = [
+        run(30, "l2", 1e-4, 0.003, 0.6),
+        run(30, "l2", 1e-4, 0.01, 0.7),
+        run(30, "l2_sp", 0.01, 0.01, 0.65),
+        run(30, "l2_sp", 0.1, 0.01, 0.8),
+        # Runs at the rate not chosen never count.
+        run(30, "l2_sp", 0.01, 0.003, 0.9),
+    ]
+    config = load_config(dict(values, select_on=30), finetune.FinetuneConfig)
+    for slug in ("fashion_mnist_30", "fashion_mnist_60"):
+        assert finetune.chosen_learning_rate(config, runs, slug) == 0.01
+        assert finetune.chosen_point(config, runs, slug, "l2_sp") == (
+            0.1,
+            0.01,
+            0.01,
+        )
+    # Without select_on, each data set needs its own validation runs.
+    config = load_config(values, finetune.FinetuneConfig)
+    assert finetune.chosen_point(config, runs, "fashion_mnist_60", "l2") is None
+    with pytest.raises(ConfigError, match="select_on"):
+        load_config(dict(values, select_on=60), finetune.FinetuneConfig)

@@ -89,6 +89,8 @@ from keras_sp.penalties import KINDS
 __all__ = [
     "FinetuneConfig",
     "add_parser",
+    "chosen_learning_rate",
+    "chosen_point",
     "config_path",
     "run_finetune",
     "write_report",
@@ -201,6 +203,9 @@ class FinetuneConfig:
             statistics kept, γ and β fixed: `keras_sp.freeze_batchnorm`).
         repeats: test runs per kind at the chosen values (the paper: 5).
         validation_repeats: seeds per grid point in the validation phase.
+        select_on: the `per_class` data set whose validation chooses the
+            learning rate, α and β for every data set (`null`: each data
+            set its own, as the paper). Must be the first of `per_class`.
         seed: base seed (training-set draw, validation split, runs).
         fisher_mode: `"exact"`, `"sampled"` or `"empirical"` (see
             `keras_sp.fisher.diagonal_fisher`).
@@ -268,6 +273,7 @@ class FinetuneConfig:
     batchnorm: str = "train"
     repeats: int = 5
     validation_repeats: int = 1
+    select_on: int | None = None
     seed: int = 0
     fisher_mode: str = "exact"
     fisher_samples: int = 1
@@ -431,6 +437,12 @@ class FinetuneConfig:
                     f"target={self.target!r}. Received: per_class[{index}]="
                     f"{count!r}"
                 )
+        if self.select_on is not None and self.select_on != self.per_class[0]:
+            raise ConfigError(
+                "Config key 'select_on' must be the first data set of "
+                f"'per_class' ({self.per_class[0]!r}). Received: select_on="
+                f"{self.select_on!r}"
+            )
         for n in self.freeze_units:
             if n < 0:
                 raise ConfigError(
@@ -519,6 +531,7 @@ _EXTENT_KEYS = (
     "freeze_kinds",
     "freeze_repeats",
     "freeze_per_class",
+    "select_on",
     "significance",
 )
 
@@ -553,6 +566,11 @@ def config_path(name):
 
     Returns:
         The path of the file.
+
+    Example:
+
+    >>> os.path.basename(config_path("caltech256_30"))
+    'caltech256_30.json'
     """
     if os.path.exists(name):
         return name
@@ -783,6 +801,7 @@ class _ImageTarget:
     def __init__(self, data, config):
         self.data = data
         self.config = config
+        self.skipped = data.skipped
         self.labels = np.array(
             [
                 int(y)
@@ -1262,25 +1281,32 @@ class _Experiment:
         return data
 
     def choose(self, data):
-        """Runs the validation grids; returns the chosen point per kind."""
+        """Runs the validation grids; returns the chosen point per kind.
+
+        With `select_on`, only that data set is validated, and the others
+        take its choices (chosen_point reads them).
+        """
         config = self.config
         seeds = _validation_seeds(config)
-        slug = data["slug"]
-        if len(config.learning_rate_grid) > 1:
+        validated = config.select_on is None or data["slug"] == _slug(
+            config.target, config.select_on
+        )
+        if validated and len(config.learning_rate_grid) > 1:
             for seed in seeds:
                 for point in config.learning_rate_points():
                     self.validation_run(
                         data, config.learning_rate_kind, point, seed
                     )
-        rate = chosen_learning_rate(config, self.results.runs, slug)
+        runs = self.results.runs
+        rate = chosen_learning_rate(config, runs, data["slug"])
         for kind in config.kinds:
             grid = config.grid(kind, rate)
-            if len(grid) > 1:
+            if validated and len(grid) > 1:
                 for seed in seeds:
                     for point in grid:
                         self.validation_run(data, kind, point, seed)
         return {
-            kind: chosen_point(config, self.results.runs, slug, kind)
+            kind: chosen_point(config, self.results.runs, data["slug"], kind)
             for kind in config.kinds
         }
 
@@ -1290,10 +1316,16 @@ class _Experiment:
         datasets = {}
         for per_class in config.per_class:
             data = self.dataset(per_class)
+            skipped = getattr(data["target"], "skipped", ())
             self.log(
                 f"{data['slug']}: {len(data['all'])} training images "
                 f"({len(data['held_out'])} held out to validate), "
                 f"{data['num_classes']} classes"
+                + (
+                    f"; {len(skipped)} unreadable image files skipped"
+                    if skipped
+                    else ""
+                )
             )
             chosen = self.choose(data)
             for repeat in range(config.repeats):
@@ -1356,6 +1388,8 @@ def chosen_learning_rate(config, runs, slug):
         The rate of `config.learning_rate_grid` whose validation run(s)
         of `learning_rate_kind` score best, or None.
     """
+    if config.select_on is not None:
+        slug = _slug(config.target, config.select_on)
     point = _best(
         config,
         runs,
@@ -1382,7 +1416,22 @@ def chosen_point(config, runs, slug, kind):
     Returns:
         A tuple `(alpha, beta, learning_rate)`, or None while validation
         runs are missing.
+
+    Example:
+
+    >>> config = load_config({"target_dir": "data", "kinds": ["l2_sp"],
+    ...     "alpha_grid": {"l2_sp": [0.01, 0.1]}, "learning_rate_kind":
+    ...     "l2_sp", "r2_kinds": [], "freeze_kinds": []}, FinetuneConfig)
+    >>> runs = [{"dataset": "caltech256_30", "phase": "validation",
+    ...          "kind": "l2_sp", "alpha": alpha, "beta": 0.01,
+    ...          "learning_rate": 0.01, "seed": 100,
+    ...          "validation_accuracy": accuracy}
+    ...         for alpha, accuracy in ((0.01, 0.80), (0.1, 0.85))]
+    >>> chosen_point(config, runs, "caltech256_30", "l2_sp")
+    (0.1, 0.01, 0.01)
     """
+    if config.select_on is not None:
+        slug = _slug(config.target, config.select_on)
     rate = chosen_learning_rate(config, runs, slug)
     if rate is None:
         return None
@@ -1457,6 +1506,17 @@ def run_finetune(config, out, verbose=1, run_eagerly=False):
 
     Returns:
         The report written by `write_report` (a dict of its parts).
+
+    Example:
+
+    ```python
+    config = load_config(config_path("caltech256_30"), FinetuneConfig)
+    report = run_finetune(config, "results/caltech256_30")
+    print(report["table2.md"])
+    ```
+
+    Reference:
+        Li, Grandvalet, Davoine, ICML 2018, section 4.
     """
     experiment = _Experiment(config, out, verbose, run_eagerly)
     experiment.run()
