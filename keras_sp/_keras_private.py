@@ -4,11 +4,15 @@ Each helper says why public Keras is not enough. `tests/keras_private_test.py`
 fails if a Keras release changes what these helpers rely on.
 """
 
+from keras.src.models.functional import Functional
 from keras.src.saving.keras_saveable import KerasSaveable
 
 __all__ = [
     "KerasSaveable",
+    "acknowledge_trainable_state",
     "all_layers",
+    "is_functional",
+    "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
 ]
@@ -46,3 +50,36 @@ def own_variables(layer):
 def own_trainable_variables(layer):
     """The variables `layer` trains when it is trainable (frozen or not)."""
     return list(layer._trainable_variables)
+
+
+def is_functional(model):
+    """Whether `model` is a graph of layers built with `keras.Model(inputs,
+    outputs)` (or a `keras.applications` model), not a subclassed model.
+
+    Public Keras does not export the class of such models; `keras_sp.widen`
+    and `keras_sp.deepen` can only copy a model layer by layer through its
+    graph.
+    """
+    return isinstance(model, Functional)
+
+
+def optimizer_variables(optimizer):
+    """The model variables a built optimizer updates, in its order.
+
+    Keras optimizers are built once for a list of variables and refuse
+    others afterwards; public Keras does not expose that list.
+    """
+    return list(optimizer._trainable_variables)
+
+
+def acknowledge_trainable_state(model):
+    """Records the model's current `trainable` flags as the compiled ones.
+
+    `fit` and `evaluate` warn when a layer's `trainable` flag changed since
+    `compile`, because the optimizer and the train function would not see the
+    change. keras-sp rebuilds both after every change it makes, so the
+    warning would be false; public Keras has no way to say so.
+    """
+    model._compiled_trainable_state = {
+        layer: layer.trainable for layer in model._flatten_layers()
+    }

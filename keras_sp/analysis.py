@@ -24,6 +24,7 @@ __all__ = [
     "reestimate_batchnorm",
     "source_task_accuracy",
     "source_task_drop",
+    "unit_drift",
     "weight_drift",
 ]
 
@@ -71,10 +72,14 @@ def weight_drift(model, starting_point=None):
     """
     if starting_point is None:
         starting_point = penalties.starting_point(model)
+    return _drift(model.weights, starting_point)
+
+
+def _drift(variables, starting_point):
     squared_distance = 0.0
     squared_norm = 0.0
     compared = 0
-    for variable in model.weights:
+    for variable in variables:
         reference = starting_point.get(variable.path)
         if reference is None:
             continue
@@ -97,6 +102,55 @@ def weight_drift(model, starting_point=None):
         "relative": distance / norm if norm > 0 else float("nan"),
         "variables": compared,
     }
+
+
+def unit_drift(model, starting_point=None):
+    """The distance ||w - w0|| of each depth unit from its starting point.
+
+    Args:
+        model: a `keras.Model` that `keras_sp.depth_units` can split.
+        starting_point: `{variable.path: array}`; defaults to the starting
+            point attached by `keras_sp.regularize`.
+
+    Returns:
+        A list with one dict per depth unit that has a starting point, in
+        depth order: `"unit"` (its index in `depth_units(model)`), `"name"`
+        (its first layer's name), `"distance"` and `"relative"`
+        (`distance / ||w0||` over the unit).
+
+    Example:
+
+    >>> import keras, keras_sp
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3),
+    ...                           keras.layers.Dense(1)])
+    >>> model = keras_sp.regularize(model, "l2_sp", alpha=0.1)
+    >>> [row["distance"] for row in keras_sp.analysis.unit_drift(model)]
+    [0.0, 0.0]
+    """
+    from keras_sp import units
+
+    if starting_point is None:
+        starting_point = penalties.starting_point(model)
+    rows = []
+    for index, unit in enumerate(units.depth_units(model)):
+        reference = {}
+        for layer in unit:
+            for variable in layer.weights:
+                if variable.path in starting_point:
+                    reference[variable.path] = starting_point[variable.path]
+        if not reference:
+            continue
+
+        drift = _drift([v for layer in unit for v in layer.weights], reference)
+        rows.append(
+            {
+                "unit": index,
+                "name": unit[0].name,
+                "distance": drift["distance"],
+                "relative": drift["relative"],
+            }
+        )
+    return rows
 
 
 def reestimate_batchnorm(model, x, batch_size=256):

@@ -1,0 +1,311 @@
+"""GrowLayer and ScaledL2Normalization against NumPy closed forms."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sp
+from keras_sp import surgery
+from keras_sp.layers import GrowLayer
+from keras_sp.layers import ScaledL2Normalization
+
+
+def _dense(units=6, inputs=5, activation="tanh", name="fc"):
+    layer = keras.layers.Dense(units, activation=activation, name=name)
+    layer.build((None, inputs))
+    return layer
+
+
+def _conv(filters=4, channels=3, name="conv"):
+    layer = keras.layers.Conv2D(
+        filters, 3, padding="same", activation="tanh", name=name
+    )
+    layer.build((None, 6, 6, channels))
+    return layer
+
+
+def _numpy_dense(x, kernel, bias):
+    return np.tanh(x @ kernel + bias)
+
+
+def _gradients(model, variables, x, y):
+    """d(cross-entropy)/d(variables) with TensorFlow's GradientTape."""
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True
+            )
+        )
+    return [np.asarray(g) for g in tape.gradient(loss, variables)]
+
+
+def test_dense_output_at_initialisation_matches_numpy():
+    fc = _dense()
+    grow = GrowLayer(fc, units=3, scale_init=7.0)
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
+    y = np.asarray(grow(x))
+    h = _numpy_dense(x, fc.kernel.numpy(), fc.bias.numpy())
+    new = grow.new_units
+    h_new = _numpy_dense(x, new.kernel.numpy(), new.bias.numpy())
+    assert y.shape == (8, 9)
+    np.testing.assert_allclose(
+        y[:, :6], 7.0 * h / np.linalg.norm(h, axis=1, keepdims=True), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        y[:, 6:],
+        7.0 * h_new / np.linalg.norm(h_new, axis=1, keepdims=True),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(np.linalg.norm(y[:, :6], axis=1), 7.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y[:, 6:], axis=1), 7.0, rtol=1e-5)
+
+
+def test_conv2d_norm_is_per_spatial_position():
+    conv = _conv()
+    grow = GrowLayer(conv, units=2, scale_init=10.0)
+    x = np.random.default_rng(1).normal(size=(2, 6, 6, 3)).astype("float32")
+    y = np.asarray(grow(x))
+    h = np.asarray(conv(x))
+    h_new = np.asarray(grow.new_units(x))
+    assert y.shape == (2, 6, 6, 6)
+    np.testing.assert_allclose(
+        y[..., :4],
+        10.0 * h / np.linalg.norm(h, axis=-1, keepdims=True),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        y[..., 4:],
+        10.0 * h_new / np.linalg.norm(h_new, axis=-1, keepdims=True),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(np.linalg.norm(y[..., :4], axis=-1), 10.0, 1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y[..., 4:], axis=-1), 10.0, 1e-5)
+    # A position where every activation is 0 stays 0 (epsilon, no NaN).
+    np.testing.assert_array_equal(
+        np.asarray(grow(np.zeros((1, 6, 6, 3), "float32"))), 0.0
+    )
+
+
+def test_gamma_scales_each_channel_and_normalize_false_is_concatenation():
+    fc = _dense()
+    grow = GrowLayer(fc, units=3)
+    x = np.random.default_rng(2).normal(size=(4, 5)).astype("float32")
+    grow(x)
+    gamma = np.arange(1, 10, dtype="float32")
+    grow.gamma.assign(gamma)
+    h = _numpy_dense(x, fc.kernel.numpy(), fc.bias.numpy())
+    new = grow.new_units
+    h_new = _numpy_dense(x, new.kernel.numpy(), new.bias.numpy())
+    unit = np.concatenate(
+        [
+            h / np.linalg.norm(h, axis=1, keepdims=True),
+            h_new / np.linalg.norm(h_new, axis=1, keepdims=True),
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(np.asarray(grow(x)), gamma * unit, rtol=1e-5)
+
+    plain = GrowLayer(fc, units=3, normalize=False)
+    y = np.asarray(plain(x))
+    h_new = _numpy_dense(
+        x, plain.new_units.kernel.numpy(), plain.new_units.bias.numpy()
+    )
+    np.testing.assert_allclose(y, np.concatenate([h, h_new], 1), rtol=1e-5)
+    assert [w.name for w in plain.weights if w.name == "gamma"] == []
+
+
+def test_wrapped_weights_untouched_and_new_variables_named_like_a_layer():
+    fc = _dense()
+    kernel = fc.kernel.numpy().copy()
+    grow = GrowLayer(fc, units=3)
+    grow(np.ones((1, 5), "float32"))
+    assert grow.layer is fc
+    np.testing.assert_array_equal(fc.kernel.numpy(), kernel)
+    assert grow.new_units.kernel.name == "kernel"
+    assert grow.new_units.bias.name == "bias"
+    assert tuple(grow.new_units.kernel.shape) == (5, 3)
+    assert grow.gamma.name == "gamma"
+    assert grow.compute_output_shape((None, 5)) == (None, 9)
+
+
+def test_gradients_reach_new_kernel_and_gamma_in_closed_form():
+    fc = _dense()
+    grow = GrowLayer(fc, units=3, scale_init=5.0)
+    x = np.random.default_rng(3).normal(size=(6, 5)).astype("float32")
+    weights = np.random.default_rng(4).normal(size=(6, 9)).astype("float32")
+    grow(x)
+    variables = [grow.gamma, grow.new_units.kernel, fc.kernel]
+    with tf.GradientTape() as tape:
+        loss = keras.ops.sum(grow(x) * weights)
+    d_gamma, d_new, d_old = [
+        np.asarray(g) for g in tape.gradient(loss, variables)
+    ]
+    h = _numpy_dense(x, fc.kernel.numpy(), fc.bias.numpy())
+    h_new = _numpy_dense(
+        x, grow.new_units.kernel.numpy(), grow.new_units.bias.numpy()
+    )
+    unit = np.concatenate(
+        [
+            h / np.linalg.norm(h, axis=1, keepdims=True),
+            h_new / np.linalg.norm(h_new, axis=1, keepdims=True),
+        ],
+        axis=1,
+    )
+    # dL/dgamma_i = sum_n w_ni * hhat_ni.
+    np.testing.assert_allclose(d_gamma, (weights * unit).sum(0), rtol=1e-4)
+    assert np.linalg.norm(d_new) > 0 and np.linalg.norm(d_old) > 0
+
+
+def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
+    inputs = keras.Input((5,))
+    fc = _dense()
+    grow = GrowLayer(fc, units=3, scale_init=20.0, name="fc_grow")
+    outputs = keras.layers.Dense(2, name="head")(grow(inputs))
+    model = keras.Model(inputs, outputs)
+    grow.gamma.assign(np.linspace(1, 3, 9).astype("float32"))
+    path = os.path.join(tmp_path, "grown.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(5).normal(size=(4, 5)).astype("float32")
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    )
+    restored = loaded.get_layer("fc_grow")
+    assert isinstance(restored, GrowLayer)
+    assert (restored.units, restored.scale_init) == (3, 20.0)
+    assert sorted(v.path for v in loaded.weights) == sorted(
+        v.path for v in model.weights
+    )
+
+    config = grow.get_config()
+    clone = GrowLayer.from_config(config)
+    clone(x)
+    clone.set_weights(grow.get_weights())
+    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(grow(x)))
+
+
+def test_scaled_l2_normalization_matches_numpy_and_round_trips(tmp_path):
+    x = np.random.default_rng(6).normal(size=(3, 4, 4, 5)).astype("float32")
+    layer = ScaledL2Normalization(scale_init=3.0)
+    layer(x)
+    gamma = np.array([1, 2, 3, 4, 5], "float32")
+    layer.gamma.assign(gamma)
+    expected = gamma * x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5)
+
+    inputs = keras.Input((4, 4, 5))
+    model = keras.Model(inputs, ScaledL2Normalization(2.0)(inputs))
+    path = os.path.join(tmp_path, "scale.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    )
+    with pytest.raises(ValueError, match="Received: scale_init=0"):
+        ScaledL2Normalization(scale_init=0)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, match",
+    [
+        (
+            lambda: keras.layers.Dense(3),
+            {"units": 2},
+            "must be built.*Received: layer=",
+        ),
+        (
+            lambda: keras.layers.Dropout(0.5),
+            {"units": 2},
+            "Dense or Conv2D.*type Dropout",
+        ),
+        (_dense, {"units": 0}, "Received: units=0"),
+        (_dense, {"units": 2.0}, "Received: units=2.0"),
+        (_dense, {"units": 2, "scale_init": 0.0}, "Received: scale_init=0.0"),
+        (_dense, {"units": 2, "scale_init": -1}, "Received: scale_init=-1"),
+        (_dense, {"units": 2, "epsilon": 0}, "Received: epsilon=0"),
+        (_dense, {"units": 2, "normalize": 1}, "Received: normalize=1"),
+    ],
+)
+def test_bad_arguments_raise_value_error(make, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GrowLayer(make(), **kwargs)
+
+
+def test_channels_first_conv_is_rejected():
+    conv = keras.layers.Conv2D(4, 3, data_format="channels_first")
+    conv.build((None, 3, 6, 6))
+    with pytest.raises(ValueError, match="channels_last.*channels_first"):
+        GrowLayer(conv, units=2)
+
+
+def test_regularize_shared_wrapped_layer_and_new_units():
+    """The pretrained layer is pulled to w0, the new kernel toward 0."""
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6, activation="relu", name="fc"),
+            keras.layers.Dense(2, name="head"),
+        ]
+    )
+    grown = surgery.widen(model, "fc", units=3)
+    keras_sp.regularize(
+        grown,
+        "l2_sp",
+        alpha=0.1,
+        beta=0.01,
+        new_layers=["head", "fc_grow_new_units"],
+    )
+    fc = grown.get_layer("fc_grow").layer
+    new = grown.get_layer("fc_grow").new_units
+    head = grown.get_layer("head")
+    w0 = fc.kernel.numpy().copy()
+    fc.kernel.assign(w0 + 0.5)
+    expected = (
+        0.1 / 2 * np.sum((fc.kernel.numpy() - w0) ** 2)
+        + 0.01 / 2 * np.sum(new.kernel.numpy() ** 2)
+        + 0.01 / 2 * np.sum(head.kernel.numpy() ** 2)
+    )
+    total = float(sum(np.asarray(loss) for loss in grown.losses))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    assert set(keras_sp.starting_point(grown)) == {fc.kernel.path}
+
+
+def test_normalisation_brings_new_units_gradient_closer_to_old():
+    """The paper's motivation: small new units learn slowly unless their
+    activations are normalised and rescaled like the old ones."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(64, 10)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu", name="fc"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)  # "pretrained"
+    ratios = {}
+    for normalize in (True, False):
+        keras.utils.set_random_seed(0)
+        grown = surgery.widen(
+            model,
+            "fc",
+            units=16,
+            normalize=normalize,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+        )
+        grow = grown.get_layer("fc_grow")
+        old, new = _gradients(
+            grown, [grow.layer.kernel, grow.new_units.kernel], x, y
+        )
+        ratios[normalize] = np.linalg.norm(new) / np.linalg.norm(old)
+    distance = {key: abs(np.log(value)) for key, value in ratios.items()}
+    assert ratios[False] < 0.05
+    assert distance[True] < distance[False]

@@ -1,0 +1,385 @@
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_sp.units import copy_units
+from keras_sp.units import depth_units
+from keras_sp.units import freeze_batchnorm
+from keras_sp.units import freeze_first
+from keras_sp.units import unfreeze
+
+# Residual blocks per stage (He et al. 2016, Table 1).
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+SHAPE = (32, 32, 3)
+
+
+@pytest.fixture(scope="class")
+def applications():
+    """Each keras.applications model once per module (they are slow)."""
+    models = {}
+    for depth in RESNET_BLOCKS:
+        for suffix in ("", "V2"):
+            name = f"ResNet{depth}{suffix}"
+            models[name] = getattr(keras.applications, name)(
+                weights=None, include_top=False, input_shape=SHAPE
+            )
+    models["MobileNet"] = keras.applications.MobileNet(
+        weights=None, input_shape=SHAPE, classes=7
+    )
+    models["VGG16"] = keras.applications.VGG16(
+        weights=None, input_shape=SHAPE, classes=7
+    )
+    return models
+
+
+def names(unit):
+    return [layer.name for layer in unit]
+
+
+def weighted_layers(model):
+    return [layer for layer in model.layers if layer.weights]
+
+
+class TestApplications:
+    """keras.applications models, built once for this class."""
+
+    @pytest.mark.parametrize("depth", sorted(RESNET_BLOCKS))
+    @pytest.mark.parametrize("suffix", ["", "V2"])
+    def test_resnet_stem_plus_one_unit_per_residual_block(
+        self, applications, depth, suffix
+    ):
+        model = applications[f"ResNet{depth}{suffix}"]
+        units = depth_units(model)
+        blocks = [
+            f"conv{stage}_block{block}"
+            for stage, count in enumerate(RESNET_BLOCKS[depth], start=2)
+            for block in range(1, count + 1)
+        ]
+        assert len(units) == 1 + len(blocks)
+        stem = ["conv1_conv"] if suffix else ["conv1_conv", "conv1_bn"]
+        assert names(units[0]) == stem
+        for unit, block in zip(units[1:], blocks, strict=True):
+            extra = ["post_bn"] if suffix and block == blocks[-1] else []
+            assert (
+                all(name.startswith(block + "_") for name in names(unit))
+                or names(unit)[-1:] == extra
+            )
+            expected = sorted(
+                layer.name
+                for layer in weighted_layers(model)
+                if layer.name.startswith(block + "_")
+            )
+            assert sorted(n for n in names(unit) if n not in extra) == expected
+        flat = [layer for unit in units for layer in unit]
+        assert (
+            len(flat) == len(weighted_layers(model)) == len(set(map(id, flat)))
+        )
+
+    def test_resnet101_has_34_units_and_a_new_head_is_the_35th(
+        self, applications
+    ):
+        backbone = applications["ResNet101"]
+        head = keras.layers.Dense(3, name="new_head")
+        model = keras.Sequential([keras.Input(SHAPE), backbone, head])
+        units = depth_units(model)
+        assert len(depth_units(backbone)) == 34
+        assert len(units) == 35
+        assert units[-1] == [head]
+        assert names(units[0]) == ["conv1_conv", "conv1_bn"]
+
+    def test_mobilenet_stem_then_depthwise_pointwise_pairs(self, applications):
+        model = applications["MobileNet"]
+        units = depth_units(model)
+        pairs = sum(
+            bool(re.fullmatch(r"conv_dw_\d+", layer.name))
+            for layer in model.layers
+        )
+        assert len(units) == 1 + pairs + 1
+        assert names(units[0]) == ["conv1", "conv1_bn"]
+        for i, unit in enumerate(units[1:-1], start=1):
+            assert sorted(names(unit)) == sorted(
+                [
+                    f"conv_dw_{i}",
+                    f"conv_dw_{i}_bn",
+                    f"conv_pw_{i}",
+                    f"conv_pw_{i}_bn",
+                ]
+            )
+        assert names(units[-1]) == ["conv_preds"]
+
+    def test_vgg16_one_unit_per_convolution_and_dense_layer(self, applications):
+        model = applications["VGG16"]
+        units = depth_units(model)
+        expected = [[layer.name] for layer in weighted_layers(model)]
+        assert [names(unit) for unit in units] == expected
+        convolutions = [u for u in expected if "conv" in u[0]]
+        assert len(convolutions) == 13 and len(units) == 16
+
+
+def branchy_model():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.BatchNormalization(name="input_bn")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv_a")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.BatchNormalization(name="bn_a")(x)
+    left = keras.layers.Conv2D(4, 1, name="conv_b")(x)
+    right = keras.layers.Conv2D(4, 3, padding="same", name="conv_c")(x)
+    right = keras.layers.ReLU()(right)
+    right = keras.layers.BatchNormalization(name="bn_c")(right)
+    left = keras.layers.BatchNormalization(name="bn_b")(left)
+    x = keras.layers.Add()([left, right])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs, name="branchy")
+
+
+def test_functional_model_attaches_each_batchnorm_to_the_layer_feeding_it():
+    units = [sorted(names(unit)) for unit in depth_units(branchy_model())]
+    assert units[0] == ["bn_a", "conv_a", "input_bn"]
+    assert sorted(units[1:3]) == [["bn_b", "conv_b"], ["bn_c", "conv_c"]]
+    assert units[3:] == [["head"]]
+
+
+def test_nested_backbone_is_flattened():
+    backbone = branchy_model()
+    model = keras.Sequential([keras.Input((8, 8, 2)), backbone])
+    model.add(keras.layers.Dense(2, name="new_head"))
+    units = depth_units(model)
+    assert len(units) == 5
+    assert names(units[-1]) == ["new_head"]
+    assert names(units[-2]) == ["head"]
+
+
+def test_bad_models_are_refused():
+    with pytest.raises(ValueError, match="Received: model="):
+        depth_units(keras.layers.Dense(2))
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="must be built"):
+        depth_units(unbuilt)
+
+
+def small_model(classes=3, width=4, name=None):
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(width, 3, name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(4, 3, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(5, activation="relu", name="fc")(x)
+    outputs = keras.layers.Dense(classes, name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def randomize(model, seed):
+    """Every variable (BN statistics too) set to distinct random values."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape))
+    return model
+
+
+def arrays(unit):
+    return [np.array(w) for layer in unit for w in layer.get_weights()]
+
+
+@pytest.mark.parametrize("n", [0, 2, 3])
+def test_copy_units_copies_exactly_the_first_n_units(n):
+    source = randomize(small_model(classes=5, name="source"), 0)
+    target = randomize(small_model(classes=3, name="target"), 1)
+    before = [arrays(unit) for unit in depth_units(target)]
+    copy_units(source, target, n, freeze=False)
+    source_units, target_units = depth_units(source), depth_units(target)
+    for i, unit in enumerate(target_units):
+        expected = arrays(source_units[i]) if i < n else before[i]
+        for got, want in zip(arrays(unit), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert all(layer.trainable for layer in target.layers)
+
+
+def test_copy_units_with_freeze_freezes_the_copied_units_only():
+    source, target = small_model(5), small_model(3)
+    copy_units(source, target, 2, freeze=True)
+    units = depth_units(target)
+    assert [layer.trainable for unit in units for layer in unit] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+
+
+def test_copy_units_names_the_first_mismatching_unit_and_copies_nothing():
+    source = randomize(small_model(name="source"), 0)
+    target = randomize(small_model(width=6, name="target"), 1)
+    before = [w.copy() for w in target.get_weights()]
+    with pytest.raises(ValueError, match=r"depth unit 0 \(conv1, bn1\)"):
+        copy_units(source, target, 2)
+    for got, want in zip(target.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    other = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten()])
+    other.add(keras.layers.Dense(3, name="dense"))
+    other.add(keras.layers.Dense(3, name="out"))
+    with pytest.raises(ValueError, match=r"depth unit 0 \(dense\)"):
+        copy_units(other, target, 1)
+
+
+@pytest.mark.parametrize("n", [-1, 5, 1.0, True, "2"])
+def test_n_out_of_range_is_an_error(n):
+    model = small_model()
+    with pytest.raises(ValueError, match=re.escape(f"Received: n={n!r}")):
+        freeze_first(model, n)
+    with pytest.raises(ValueError, match="Received: n="):
+        copy_units(small_model(), model, n)
+    assert all(layer.trainable for layer in model.layers)
+
+
+def test_freeze_first_and_unfreeze_set_trainable():
+    model = small_model()
+    freeze_first(model, 3)
+    flags = {layer.name: layer.trainable for layer in model.layers}
+    assert not any(flags[name] for name in ("conv1", "bn1", "conv2", "fc"))
+    assert flags["head"]
+    freeze_first(model, 1)
+    assert model.get_layer("conv2").trainable
+    assert not model.get_layer("bn1").trainable
+    unfreeze(model)
+    assert all(layer.trainable for layer in model.layers)
+    assert len(model.trainable_weights) == len(small_model().trainable_weights)
+
+
+def data(count=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(count, 6, 6, 1)).astype("float32") * 3 + 1
+    return x, rng.integers(0, 3, count)
+
+
+def compiled(model, optimizer=None):
+    model.compile(
+        optimizer=optimizer or keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def snapshot(layers):
+    return [w.numpy().copy() for layer in layers for w in layer.weights]
+
+
+def same(before, layers):
+    after = [w.numpy() for layer in layers for w in layer.weights]
+    return all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def changed(before, layers):
+    after = [w.numpy() for layer in layers for w in layer.weights]
+    return all(
+        not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+
+
+def test_freezing_a_compiled_model_takes_effect_at_the_next_step():
+    x, y = data()
+    model = compiled(small_model())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    frozen = [model.get_layer("conv1"), model.get_layer("bn1")]
+    before = snapshot(frozen)
+    freeze_first(model, 1)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert same(before, frozen)
+
+    # Without rebuilding the train function, Keras keeps training the layer.
+    control = compiled(small_model())
+    control.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    layer = control.get_layer("conv1")
+    kernel = layer.kernel.numpy().copy()
+    layer.trainable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        control.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(kernel, layer.kernel.numpy())
+
+
+def test_unfreezing_extends_the_optimizer_and_keeps_its_state():
+    x, y = data()
+    model = compiled(small_model())
+    freeze_first(model, 2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    old = model.optimizer
+    momentum = {v.name: v.numpy().copy() for v in old.variables}
+    unfreeze(model)
+    assert model.optimizer is not old
+    carried = {v.name: v.numpy() for v in model.optimizer.variables}
+    for name, value in momentum.items():
+        np.testing.assert_array_equal(carried[name], value)
+    assert len(carried) > len(momentum)
+    bottom = [model.get_layer(name) for name in ("conv1", "conv2")]
+    before = snapshot(bottom)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert changed(before, bottom)
+    assert int(model.optimizer.iterations.numpy()) == 4
+
+
+def frozen_bn_backbone():
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    return keras.Model(inputs, x, name="base")
+
+
+def model_with_base_called_in_inference_mode():
+    base = frozen_bn_backbone()
+    inputs = keras.Input((6, 6, 1))
+    x = base(inputs, training=False)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs), base.get_layer("bn")
+
+
+def test_documented_training_false_pattern_lets_fit_change_bn_statistics():
+    x, y = data()
+    model, bn = model_with_base_called_in_inference_mode()
+    statistics = snapshot([bn])[2:]
+    compiled(model).fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(statistics[0], bn.moving_mean.numpy())
+    assert not np.array_equal(statistics[1], bn.moving_variance.numpy())
+
+
+@pytest.mark.parametrize("train_gamma_beta", [False, True])
+def test_freeze_batchnorm_keeps_statistics_during_fit(train_gamma_beta):
+    x, y = data()
+    model, bn = model_with_base_called_in_inference_mode()
+    freeze_batchnorm(model, train_gamma_beta=train_gamma_beta)
+    before = snapshot([bn])
+    conv = model.layers[1].get_layer("conv")
+    kernel = conv.kernel.numpy().copy()
+    compiled(model).fit(x, y, batch_size=8, epochs=2, verbose=0)
+    gamma, beta, mean, variance = (w.numpy() for w in bn.weights)
+    np.testing.assert_array_equal(mean, before[2])
+    np.testing.assert_array_equal(variance, before[3])
+    assert np.array_equal(gamma, before[0]) is not train_gamma_beta
+    assert np.array_equal(beta, before[1]) is not train_gamma_beta
+    assert not np.array_equal(kernel, conv.kernel.numpy())
+    # Normalised with the moving statistics even when called in training
+    # mode: the output is the affine map of the inference formula.
+    expected = (conv(x).numpy() - mean) / np.sqrt(variance + bn.epsilon)
+    np.testing.assert_allclose(
+        model.layers[1](x, training=True).numpy(),
+        expected * gamma + beta,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    unfreeze(model)
+    assert "call" not in vars(bn) and bn.trainable
+
+
+def test_freeze_batchnorm_bad_flag():
+    with pytest.raises(ValueError, match="Received: train_gamma_beta=1"):
+        freeze_batchnorm(small_model(), train_gamma_beta=1)
+    with pytest.raises(ValueError, match="Received: freeze='yes'"):
+        copy_units(small_model(), small_model(), 1, freeze="yes")
