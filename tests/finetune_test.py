@@ -101,16 +101,16 @@ def test_small_experiment_protocol_report_and_resume(
     assert all(r["frozen_distance"] == 0.0 for r in frozen)
     assert all(r["drift"] > 0 for r in frozen)
 
-    # The learning rate, then alpha and beta: best validation accuracy.
-    lr_runs = {
-        r["learning_rate"]: r["validation_accuracy"]
-        for r in validation
-        if r["kind"] == "l2"
-    }
-    rate = [0.01, 0.05][int(np.argmax([lr_runs[0.01], lr_runs[0.05]]))]
+    # The learning rate, then alpha and beta: best validation accuracy, then
+    # lowest validation cross-entropy.
+    def score(run):
+        return (run["validation_accuracy"], -run["validation_loss"])
+
+    lr_runs = [r for r in validation if r["kind"] == "l2"]
+    rate = max(lr_runs, key=score)["learning_rate"]
     grid = [r for r in validation if r["kind"] == "l2_sp"]
     assert {r["learning_rate"] for r in grid} == {rate}
-    best = max(grid, key=lambda r: r["validation_accuracy"])
+    best = max(grid, key=score)
     chosen = next(r for r in test if r["kind"] == "l2_sp")
     assert (chosen["alpha"], chosen["beta"]) == (best["alpha"], best["beta"])
     assert all(r["learning_rate"] == rate for r in test + frozen)

@@ -971,12 +971,19 @@ def _build_model(start, num_classes, seed):
 
 
 def _evaluate(model, batches):
-    """Per-example correctness of `model` (inference mode) on `batches`."""
-    correct = []
+    """Per-example correctness and cross-entropy of `model` (inference
+    mode) on `batches`."""
+    correct, losses = [], []
     for x, y in batches:
         scores = keras.ops.convert_to_numpy(model(x, training=False))
-        correct.append(np.argmax(scores, axis=-1) == np.asarray(y))
-    return np.concatenate(correct)
+        labels = np.asarray(y)
+        correct.append(np.argmax(scores, axis=-1) == labels)
+        shifted = scores - scores.max(axis=-1, keepdims=True)
+        log_probabilities = shifted - np.log(
+            np.exp(shifted).sum(axis=-1, keepdims=True)
+        )
+        losses.append(-log_probabilities[np.arange(len(labels)), labels])
+    return np.concatenate(correct), np.concatenate(losses)
 
 
 def _pack(correct):
@@ -1159,18 +1166,19 @@ class _Experiment:
                 data, kind, point, seed, data["train_part"]
             )
             target = data["target"]
-            validation = _evaluate(
+            validation, validation_loss = _evaluate(
                 model,
                 target.eval_batches(
                     data["train_part"], "train", data["held_out"]
                 ),
             )
-            test = _evaluate(
+            test, _ = _evaluate(
                 model, target.eval_batches(data["train_part"], "test")
             )
             record = self._run_record(data, kind, point, seed, "validation")
             record.update(measures)
             record["validation_accuracy"] = float(validation.mean())
+            record["validation_loss"] = float(validation_loss.mean())
             record["test_accuracy"] = float(test.mean())
             return record
 
@@ -1189,7 +1197,7 @@ class _Experiment:
             model, backbone, measures = self._train(
                 data, kind, point, seed, everything, freeze
             )
-            correct = _evaluate(
+            correct, _ = _evaluate(
                 model, data["target"].eval_batches(everything, "test")
             )
             phase = "freeze" if freeze else "test"
@@ -1351,11 +1359,12 @@ def _validation_seeds(config):
     return [config.seed + 100 + v for v in range(config.validation_repeats)]
 
 
-def _mean_validation(config, runs, slug, kind, point):
-    """Mean validation accuracy of a grid point, or None if runs miss."""
+def _validation_score(config, runs, slug, kind, point):
+    """`(mean validation accuracy, -mean validation loss)` of a grid point
+    over the validation seeds, or None while runs are missing."""
     seeds = set(_validation_seeds(config))
-    values = [
-        run["validation_accuracy"]
+    selected = [
+        run
         for run in runs
         if run["dataset"] == slug
         and run["phase"] == "validation"
@@ -1363,17 +1372,26 @@ def _mean_validation(config, runs, slug, kind, point):
         and (run["alpha"], run["beta"], run["learning_rate"]) == tuple(point)
         and run["seed"] in seeds
     ]
-    return float(np.mean(values)) if len(values) == len(seeds) else None
+    if len(selected) < len(seeds):
+        return None
+    return (
+        float(np.mean([run["validation_accuracy"] for run in selected])),
+        -float(
+            np.mean([run.get("validation_loss", math.inf) for run in selected])
+        ),
+    )
 
 
 def _best(config, runs, slug, kind, points):
-    """The point of best mean validation accuracy (first on a tie)."""
+    """The point of best mean validation accuracy; on a tie, of lowest
+    validation cross-entropy; then the first in grid order."""
     if len(points) == 1:
         return points[0]
-    scores = [_mean_validation(config, runs, slug, kind, p) for p in points]
+    scores = [_validation_score(config, runs, slug, kind, p) for p in points]
     if any(score is None for score in scores):
         return None
-    return points[int(np.argmax(scores))]
+    best = max(range(len(points)), key=lambda index: (scores[index], -index))
+    return points[best]
 
 
 def chosen_learning_rate(config, runs, slug):
@@ -1386,7 +1404,8 @@ def chosen_learning_rate(config, runs, slug):
 
     Returns:
         The rate of `config.learning_rate_grid` whose validation run(s)
-        of `learning_rate_kind` score best, or None.
+        of `learning_rate_kind` score best (accuracy, then cross-entropy),
+        or None.
     """
     if config.select_on is not None:
         slug = _slug(config.target, config.select_on)
@@ -1404,8 +1423,9 @@ def chosen_point(config, runs, slug, kind):
     """The (alpha, beta, learning rate) chosen for `kind` on a data set.
 
     At the chosen learning rate, the point of the α × β grid with the best
-    validation accuracy, averaged over the validation seeds (the first in
-    grid order on a tie); the only point of a one-point grid.
+    validation accuracy, averaged over the validation seeds; on a tie (the
+    held-out sets are small), the one of lowest mean validation
+    cross-entropy; the only point of a one-point grid.
 
     Args:
         config: a `FinetuneConfig`.
