@@ -8,6 +8,7 @@ Yosinski's transferability experiments.
 from keras_sp import analysis
 from keras_sp import callbacks
 from keras_sp import datasets
+from keras_sp import fisher
 from keras_sp import layers
 from keras_sp import plots
 from keras_sp import pretrained
@@ -34,6 +35,7 @@ __all__ = [
     "datasets",
     "deepen",
     "depth_units",
+    "fisher",
     "freeze_batchnorm",
     "freeze_first",
     "layers",

@@ -12,6 +12,7 @@ __all__ = [
     "acknowledge_trainable_state",
     "all_layers",
     "is_functional",
+    "keras_logits",
     "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
@@ -83,3 +84,15 @@ def acknowledge_trainable_state(model):
     model._compiled_trainable_state = {
         layer: layer.trainable for layer in model._flatten_layers()
     }
+
+
+def keras_logits(tensor):
+    """The logits a Keras `softmax` (or `sigmoid`) computed `tensor` from.
+
+    On the TensorFlow backend, `keras.activations.softmax` and
+    `keras.ops.softmax` record their input on the symbolic output as
+    `_keras_logits`, which Keras's crossentropy reads back to work from
+    logits instead of log(0); there is no public accessor. Returns None for
+    other tensors (and for eager tensors, which cannot carry it).
+    """
+    return getattr(tensor, "_keras_logits", None)

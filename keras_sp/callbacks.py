@@ -2,15 +2,19 @@
 
 import os
 import warnings
+import weakref
 
 import keras
 from keras import ops
 
 from keras_sp import analysis
+from keras_sp import fisher as fisher_lib
 from keras_sp import penalties
+from keras_sp import regularizers
 from keras_sp import units
 
 __all__ = [
+    "FisherInformation",
     "FreezeUnits",
     "PenaltyMonitor",
     "UnfreezeSchedule",
@@ -222,3 +226,203 @@ def _check_count(value, name, received=None):
             else (f"schedule={received!r}")
         )
         raise ValueError(f"`{name}` must be an integer >= 0. Received: {shown}")
+
+
+class FisherInformation(keras.callbacks.Callback):
+    """Computes the diagonal Fisher information and attaches L2-SP-Fisher.
+
+    When `fit` starts, the callback computes the diagonal Fisher
+    information F of the source model on `source_data` with
+    `keras_sp.fisher.diagonal_fisher` (unless `fisher` gives it), then
+    attaches the Fisher-weighted penalty with `keras_sp.regularize`:
+
+    `Omega(w) = alpha/2 sum_j F_j (w_j - w0_j)^2 + beta/2 ||w_new||^2`
+    (eq. 4; `kind="group_lasso_sp_fisher"` gives eq. 7)
+
+    with w0 the model's weights at that moment. F is matched to the shared
+    variables by `variable.path` (also when the source model is nested in
+    the model), following the rules of `regularize`.
+
+    **Which model gives F.** `source_model` when given: the pretrained
+    source network with its source classifier, as in the paper. Otherwise
+    the model being fine-tuned itself, its shared part with its *current*
+    head; with a new, randomly initialised head that is the Fisher of the
+    new head's predictions on the source inputs, not the source task's:
+    pass `source_model` to follow the paper. Either model must have one
+    categorical output of shape (batch, K) that accepts `source_data`.
+
+    **Resuming.** The penalty is attached in `set_model`, which `fit` calls
+    when it builds its callback list, before any callback's
+    `on_train_begin`. The starting point and F are held in variables saved
+    with the model's weights, so when `keras.callbacks.BackupAndRestore`
+    (in any position of the callback list) restores a crashed run, it
+    restores the fine-tuned weights *and* the w0 and F of the pretrained
+    weights. The callback attaches nothing when the model already carries
+    a Fisher-weighted keras-sp penalty (for instance a model reloaded from
+    a `.keras` file saved during fine-tuning), and never recomputes F on a
+    second `fit` of the same model.
+
+    Args:
+        source_data: inputs of the source task, as `data` of
+            `keras_sp.fisher.diagonal_fisher` (arrays, `(x, y)`, or a
+            batched `tf.data.Dataset`).
+        fisher: instead of `source_data`, a precomputed Fisher
+            `{variable.path: array}` or the path of a `.npz` file saved by
+            `keras_sp.fisher.save`.
+        source_model: the model F is computed with; defaults to the model
+            being fit.
+        kind: `"l2_sp_fisher"` (eq. 4) or `"group_lasso_sp_fisher"` (eq. 7).
+        alpha: non-negative float, the strength on the shared part.
+        beta: non-negative float, the L2 strength on `new_layers`.
+        new_layers: layers (or names) new for the target task.
+        penalize: `"kernels"` or `"all"`, as in `keras_sp.regularize`.
+        mode: `"exact"`, `"sampled"` or `"empirical"` (see `diagonal_fisher`).
+        samples: labels drawn per example in `"sampled"` mode.
+        from_logits: None, True or False (see `diagonal_fisher`).
+        batch_size: examples per vectorised batch while computing F.
+        max_examples: optional int, at most this many source examples.
+        seed: seed of the draws in `"sampled"` mode.
+        fisher_epsilon: non-negative float added to F (default 0, the
+            paper's raw F).
+        fisher_clip: optional positive float, F is clipped at this maximum.
+        verbose: 0 or 1 (a progress bar while F is computed).
+
+    Attributes:
+        fisher: the Fisher information given, or the one computed when
+            `fit` started; None until then, and when the model already
+            carried a Fisher penalty.
+
+    Example:
+
+    ```python
+    model.fit(x_target, y_target, callbacks=[
+        keras_sp.callbacks.FisherInformation(
+            x_source, source_model=source_model, alpha=0.1, beta=0.01,
+            new_layers=["head"]),
+    ])
+    ```
+
+    Reference:
+        Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer
+        Learning with Convolutional Networks". ICML 2018, eqs. 4 and 7.
+    """
+
+    def __init__(
+        self,
+        source_data=None,
+        *,
+        fisher=None,
+        source_model=None,
+        kind="l2_sp_fisher",
+        alpha,
+        beta=0.0,
+        new_layers=(),
+        penalize="kernels",
+        mode="exact",
+        samples=1,
+        from_logits=None,
+        batch_size=32,
+        max_examples=None,
+        seed=None,
+        fisher_epsilon=0.0,
+        fisher_clip=None,
+        verbose=0,
+    ):
+        super().__init__()
+        if (source_data is None) == (fisher is None):
+            raise ValueError(
+                "Pass exactly one of `source_data` (to compute the Fisher "
+                "information) and `fisher` (a precomputed one). Received: "
+                f"source_data={_describe(source_data)}, "
+                f"fisher={_describe(fisher)}"
+            )
+        if fisher is not None and source_model is not None:
+            raise ValueError(
+                "`source_model` computes the Fisher information from "
+                "`source_data`; with a precomputed `fisher` it is not used. "
+                "Received: fisher and source_model="
+                f"{getattr(source_model, 'name', source_model)!r}"
+            )
+        if kind not in penalties.FISHER_KINDS:
+            raise ValueError(
+                f"`kind` must be one of {list(penalties.FISHER_KINDS)}. "
+                f"Received: kind={kind!r}"
+            )
+        if mode not in fisher_lib.MODES:
+            raise ValueError(
+                f"`mode` must be one of {list(fisher_lib.MODES)}. "
+                f"Received: mode={mode!r}"
+            )
+        if source_model is not None and not isinstance(
+            source_model, keras.Model
+        ):
+            raise ValueError(
+                "`source_model` must be a keras.Model or None. Received: "
+                f"source_model of type {type(source_model).__name__}"
+            )
+        if isinstance(fisher, (str, os.PathLike)):
+            fisher = fisher_lib.load(fisher)
+        self.source_data = source_data
+        self.fisher = fisher
+        self.source_model = source_model
+        self.kind = kind
+        self.alpha = regularizers.check_coefficient("alpha", alpha)
+        self.beta = regularizers.check_coefficient("beta", beta)
+        self.new_layers = new_layers
+        self.penalize = penalize
+        self.mode = mode
+        self.samples = samples
+        self.from_logits = from_logits
+        self.batch_size = batch_size
+        self.max_examples = max_examples
+        self.seed = seed
+        self.fisher_epsilon = fisher_epsilon
+        self.fisher_clip = fisher_clip
+        self.verbose = verbose
+        self._attached_to = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        if model is not None and model.built:
+            self._attach(model)
+
+    def on_train_begin(self, logs=None):
+        self._attach(self.model)
+
+    def _attach(self, model):
+        if self._attached_to is not None and self._attached_to() is model:
+            return
+        if any(
+            getattr(regularizer, "fisher_weighted", False)
+            for _, _, regularizer in penalties.attached_penalties(model)
+        ):
+            self._attached_to = weakref.ref(model)
+            return
+        if self.fisher is None:
+            self.fisher = fisher_lib.diagonal_fisher(
+                self.source_model if self.source_model is not None else model,
+                self.source_data,
+                mode=self.mode,
+                samples=self.samples,
+                from_logits=self.from_logits,
+                batch_size=self.batch_size,
+                max_examples=self.max_examples,
+                seed=self.seed,
+                verbose=self.verbose,
+            )
+        penalties.regularize(
+            model,
+            self.kind,
+            alpha=self.alpha,
+            beta=self.beta,
+            new_layers=self.new_layers,
+            fisher=self.fisher,
+            penalize=self.penalize,
+            fisher_epsilon=self.fisher_epsilon,
+            fisher_clip=self.fisher_clip,
+        )
+        self._attached_to = weakref.ref(model)
+
+
+def _describe(value):
+    return "None" if value is None else f"<{type(value).__name__}>"

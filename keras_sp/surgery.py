@@ -137,6 +137,20 @@ def _consumer_initializer(value):
     )
 
 
+def _hint(consumer):
+    """Where to widen instead, when `consumer` keeps the width it has."""
+    if isinstance(
+        consumer, (keras.layers.BatchNormalization, keras.layers.Add)
+    ):
+        return (
+            "A BatchNormalization or a residual addition keeps its width: in "
+            "a ResNet (keras.applications, KerasHub's ResNetBackbone), widen "
+            "a Dense or Conv2D layer after the backbone (on its pooled "
+            "features), or use `deepen`. "
+        )
+    return ""
+
+
 class _Surgery:
     """Copies a model's graph layer by layer, replacing the call of `target`.
 
@@ -242,11 +256,17 @@ class _Surgery:
             "it: supported consumers are Dense and channels-last Conv2D "
             "layers (groups=1), reached directly or through channel-wise "
             f"layers ({', '.join(c.__name__ for c in CHANNELWISE)}). "
-            f"Received: {self.argument}={self.target.name!r}"
+            f"{_hint(layer)}Received: {self.argument}={self.target.name!r}"
         )
 
     def copy_call(self, layer, *args, **kwargs):
-        """Calls a copy of `layer` (same config and weights) on the inputs."""
+        """Calls a copy of `layer` (same config and weights) on the inputs.
+
+        An operation that is not a layer (such as the `keras.ops.pad` of a
+        KerasHub ResNetV2) has no weights and is called as it is.
+        """
+        if not isinstance(layer, keras.layers.Layer):
+            return layer(*args, **kwargs)
         if isinstance(layer, keras.Model):
             return self._copy_nested(layer, args, kwargs)
         copy = _copy_layer(layer)
@@ -314,6 +334,16 @@ def widen(
     `GrowLayer`), and keep the default `starting_point=None`: the widened
     consumer's kernel has a new shape, so the grown model's own weights are
     the starting point.
+
+    On a classifier built on a ResNet (`keras.applications`, or KerasHub's
+    `keras_hub.models.ResNetBackbone`), widen a Dense or Conv2D layer after
+    the backbone, such as a fully connected layer on the pooled features
+    (the paper's fc7, with the classifier as its consumer). The
+    convolutions inside the backbone are refused with an error saying so:
+    each feeds a BatchNormalization or a residual addition, whose width is
+    fixed. The backbone is copied as a functional model with the same
+    layers, names and weights; attributes of a KerasHub backbone that are
+    not layers (`pyramid_outputs`, its preset) are not carried over.
 
     Args:
         model: a built functional or Sequential model (models nested inside

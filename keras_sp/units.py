@@ -27,13 +27,19 @@ __all__ = [
     "unfreeze",
 ]
 
-_RESNET_BLOCK = re.compile(r"^(conv\d+_block\d+)_")
+# Residual blocks: `conv2_block1_...` in keras.applications, `stack0_block0_...`
+# in KerasHub's ResNetBackbone.
+_RESNET_BLOCK = re.compile(r"^((?:conv|stack)\d+_block\d+)_")
+# The stem: one convolution (`conv1_conv`, `conv1_bn`), or the three of a
+# KerasHub ResNet-vd (`conv1_conv` ... `conv3_conv`).
+_RESNET_STEM = re.compile(r"^conv\d+_(?:conv|bn)$")
 _MOBILENET_PAIR = re.compile(r"^conv_(?:dw|pw)_(\d+)(?:_bn)?$")
 _INFERENCE_CALL = "_keras_sp_inference_call"
 
 
 def _family(model):
-    """Which `keras.applications` naming `model`'s own layers follow."""
+    """Which layer naming (`keras.applications`, KerasHub) `model`'s own
+    layers follow."""
     names = {layer.name for layer in model.layers}
     if "conv1_conv" in names and any(_RESNET_BLOCK.match(n) for n in names):
         return "resnet"
@@ -43,13 +49,14 @@ def _family(model):
 
 
 def _family_key(family, name):
-    """The unit a layer of a `keras.applications` model belongs to."""
+    """The unit a layer of a `keras.applications` or KerasHub model belongs
+    to."""
     if family == "resnet":
-        if name.startswith("conv1_"):
-            return "conv1"
         match = _RESNET_BLOCK.match(name)
         if match:
             return match.group(1)
+        if _RESNET_STEM.match(name):
+            return "stem"
         if name == "post_bn":
             return "last_block"
     if family == "mobilenet":
@@ -109,6 +116,11 @@ def depth_units(model):
       residual block (with its shortcut and, in V2, its pre-activation
       BatchNormalization; V2's final `post_bn` joins the last block) is one
       unit: ResNet-101 without its top has 1 + 33 = 34 units.
+    - KerasHub's `keras_hub.models.ResNetBackbone` (ResNet, ResNetV2 and
+      ResNet-vd, basic and bottleneck blocks) is counted the same way: the
+      stem (its one or three convolutions with their BatchNormalizations)
+      is one unit, each block `stack{i}_block{j}` one unit (V2's `post_bn`
+      joins the last block): `1 + sum(stackwise_num_blocks)` units.
     - `keras.applications.MobileNet`: the stem, then each depthwise +
       pointwise pair with their BatchNormalizations (1 + 13 units).
     - Any other model (VGG, hand-made functional or Sequential models): each

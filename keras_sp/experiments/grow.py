@@ -335,7 +335,7 @@ def run_grow(config, out, verbose=1):
     Args:
         config: a `GrowConfig`, a dict of its keys, a JSON path or None.
         out: the output folder (`results.json`, `results.md`).
-        verbose: 1 prints a line per run, 0 is silent.
+        verbose: 1 shows a progress bar over the runs to make, 0 is silent.
 
     Returns:
         The Markdown table.
@@ -362,16 +362,14 @@ def run_grow(config, out, verbose=1):
             epochs=config.source_epochs, seed=config.source_seed, verbose=0
         )
         data = _target_data(config)
+    progress = keras.utils.Progbar(
+        len(pending), verbose=verbose, unit_name="run"
+    )
     for per_class, seed, method in pending:
         record = _run_one(source, data, method, per_class, seed, config)
         record["key"] = _run_key(method, per_class, seed)
         results.append(record)
-        if verbose:
-            print(
-                f"{record['key']}: test accuracy "
-                f"{record['test_accuracy']:.4f} ({record['seconds']:.0f} s)",
-                flush=True,
-            )
+        progress.add(1)
     table = summarize(results.runs, config)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(table)

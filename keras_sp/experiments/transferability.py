@@ -438,7 +438,26 @@ def _base_network(config, data, out, half, repeat, results, log):
     return model, 1
 
 
-def run(config=None, out="results/transferability", data=None, log=print):
+def _count_pending(config, results):
+    """How many runs (base and transfer networks) are not finished yet."""
+    keys = []
+    for repeat in range(config.repeats):
+        keys += [f"base{half}/repeat{repeat}" for half in "AB"]
+        keys += [
+            f"{kind}/n{n}/repeat{repeat}"
+            for n in config.depths()
+            for kind in KINDS
+        ]
+    return sum(not results.done(key) for key in keys)
+
+
+def run(
+    config=None,
+    out="results/transferability",
+    data=None,
+    log=print,
+    progress=False,
+):
     """Runs (or resumes) the experiment and writes results, table, figure.
 
     Args:
@@ -450,6 +469,7 @@ def run(config=None, out="results/transferability", data=None, log=print):
         data: optional in-memory data `((x_train, y_train), (x_test,
             y_test))` used instead of `config.dataset`.
         log: a function printing one line per finished run.
+        progress: whether to show a progress bar over the runs to train.
 
     Returns:
         A dict: `trained` (runs trained by this call), `runs` (all finished
@@ -464,6 +484,16 @@ def run(config=None, out="results/transferability", data=None, log=print):
     settings["classes_A"] = data.halves["A"].tolist()
     settings["classes_B"] = data.halves["B"].tolist()
     results = ResultsFile(os.path.join(out, "results.json"), settings)
+    bar = keras.utils.Progbar(
+        _count_pending(config, results),
+        verbose=1 if progress else 0,
+        unit_name="run",
+    )
+
+    def finished(line):
+        log(line)
+        bar.add(1)
+
     trained = 0
     for repeat in range(config.repeats):
         pending = [
@@ -478,7 +508,7 @@ def run(config=None, out="results/transferability", data=None, log=print):
                 kind[0] == half for _, _, kind in pending
             ):
                 sources[half], count = _base_network(
-                    config, data, out, half, repeat, results, log
+                    config, data, out, half, repeat, results, finished
                 )
                 trained += count
         for n, index, kind in pending:
@@ -506,7 +536,7 @@ def run(config=None, out="results/transferability", data=None, log=print):
                 }
             )
             trained += 1
-            log(f"{key}: top-1 {accuracy:.4f}")
+            finished(f"{key}: top-1 {accuracy:.4f}")
     runs = results.runs
     summary = summarize(runs)
     table = os.path.join(out, "table.md")
@@ -608,5 +638,5 @@ def add_parser(subparsers):
 
 def _command(args):
     config = load_config(args.config, TransferabilityConfig)
-    result = run(config, args.out)
+    result = run(config, args.out, log=lambda line: None, progress=True)
     print(json.dumps({"table": result["table"], "figure": result["figure"]}))

@@ -1,0 +1,139 @@
+"""`keras-sp fisher`: the diagonal Fisher information of a saved model.
+
+    keras-sp fisher --model source.keras --data source.npz --out DIR
+
+reads a Keras model (`.keras`) and a `.npz` file holding the inputs `x`
+(and optionally the labels `y`, needed by `--mode empirical`), computes
+`keras_sp.fisher.diagonal_fisher`, and writes `DIR/fisher.npz` (one array
+per trainable variable, keyed by `variable.path`, for
+`keras_sp.fisher.load` or `FisherInformation(fisher=...)`) and
+`DIR/fisher.json` (the settings, the number of examples and the time).
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from keras_sp import fisher
+
+__all__ = [
+    "add_parser",
+    "run",
+]
+
+FROM_LOGITS = {"auto": None, "true": True, "false": False}
+
+
+def add_parser(subparsers):
+    """Adds the `fisher` subcommand to the `keras-sp` command line."""
+    parser = subparsers.add_parser(
+        "fisher",
+        help="diagonal Fisher information of a saved model",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--model", required=True, help="a .keras model file")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help=".npz file with the inputs `x` and optionally the labels `y`",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=fisher.MODES,
+        default="exact",
+        help="exact (the paper's formula, default), sampled or empirical",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="labels drawn per example in sampled mode (default 1)",
+    )
+    parser.add_argument(
+        "--from-logits",
+        choices=sorted(FROM_LOGITS),
+        default="auto",
+        help="whether the model outputs logits; auto detects a final softmax",
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--max-examples", type=int, help="use at most this many examples"
+    )
+    parser.add_argument("--seed", type=int, help="seed of the sampled labels")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DIR/fisher.npz",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar or summary"
+    )
+    parser.set_defaults(run=run)
+
+
+def _read_data(path):
+    with np.load(path, allow_pickle=False) as archive:
+        names = sorted(archive.files) if hasattr(archive, "files") else []
+        if "x" not in names:
+            raise ValueError(
+                "`--data` must be a .npz file with an array named 'x' (and "
+                f"optionally 'y'). Received: arrays {names} in {path!r}"
+            )
+        x = archive["x"]
+        y = archive["y"] if "y" in names else None
+    return x, y
+
+
+def run(args):
+    """Runs `keras-sp fisher` with the parsed command-line `args`."""
+    target = os.path.join(args.out, "fisher.npz")
+    if os.path.exists(target) and not args.overwrite:
+        raise ValueError(
+            f"{target} exists: pass --overwrite to replace it. Received: "
+            f"--out={args.out!r}"
+        )
+    x, y = _read_data(args.data)
+    model = keras.saving.load_model(args.model)
+    start = time.perf_counter()
+    result = fisher.diagonal_fisher(
+        model,
+        x if y is None else (x, y),
+        mode=args.mode,
+        samples=args.samples,
+        from_logits=FROM_LOGITS[args.from_logits],
+        batch_size=args.batch_size,
+        max_examples=args.max_examples,
+        seed=args.seed,
+        verbose=0 if args.quiet else 1,
+    )
+    seconds = time.perf_counter() - start
+    os.makedirs(args.out, exist_ok=True)
+    fisher.save(result, target)
+    examples = (
+        len(x) if args.max_examples is None else min(len(x), args.max_examples)
+    )
+    summary = {
+        "model": os.path.abspath(args.model),
+        "data": os.path.abspath(args.data),
+        "mode": args.mode,
+        "samples": args.samples,
+        "from_logits": args.from_logits,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "examples": examples,
+        "variables": len(result),
+        "parameters": int(sum(value.size for value in result.values())),
+        "seconds": round(seconds, 3),
+        "keras": keras.__version__,
+    }
+    with open(os.path.join(args.out, "fisher.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    if not args.quiet:
+        print(
+            f"Wrote {target}: {args.mode} Fisher of {len(result)} variables "
+            f"on {examples} examples in {seconds:.1f} s."
+        )
