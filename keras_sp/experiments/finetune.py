@@ -62,7 +62,6 @@ import numpy as np
 import tensorflow as tf
 
 import keras_sp
-import keras_sp.fisher
 from keras_sp import analysis
 from keras_sp import plots
 from keras_sp import pretrained
