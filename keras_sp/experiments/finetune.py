@@ -601,15 +601,22 @@ class _Pretrained:
     source_head: object | None
 
 
-def _applications_model(config, include_top):
+def _applications_models(config):
+    """`(backbone, source model)` of a `keras.applications` backbone.
+
+    The backbone ends with average pooling; the source model keeps the
+    source classifier, with logits as outputs.
+    """
     constructor = getattr(keras.applications, config.backbone)
     shape = (config.input_size, config.input_size, 3)
     if config.weights == CONVERTED_WEIGHTS:
-        return pretrained.imagenet_mobilenet(
-            input_shape=shape,
-            include_top=include_top,
-            pooling=None if include_top else "avg",
-            classifier_activation=None,
+        return (
+            pretrained.imagenet_mobilenet(
+                input_shape=shape, include_top=False, pooling="avg"
+            ),
+            pretrained.imagenet_mobilenet(
+                input_shape=shape, classifier_activation=None
+            ),
         )
     weights = config.weights
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
@@ -618,32 +625,31 @@ def _applications_model(config, include_top):
             f"{CONVERTED_WEIGHTS!r} or an existing .weights.h5 file. "
             f"Received: weights={weights!r}"
         )
-    file_weights = weights not in (None, "imagenet")
-    if include_top:
-        model = constructor(
-            include_top=True,
-            weights=None if file_weights else weights,
-            input_shape=shape,
-            classes=config.source_num_classes,
-            classifier_activation=None,
-        )
-        if file_weights:
-            pretrained.load_weights_checked(model, weights)
-        return model
-    # A weights file holds the model with its classifier: load it there and
-    # copy the backbone's layers.
+    # A weights file holds the model with its classifier: it is loaded
+    # there (checked) and the backbone's layers are copied from it.
+    from_file = weights not in (None, "imagenet")
+    source_model = constructor(
+        include_top=True,
+        weights=None if from_file else weights,
+        input_shape=shape,
+        classes=config.source_num_classes,
+        classifier_activation=None,
+    )
+    if from_file:
+        pretrained.load_weights_checked(source_model, weights)
     backbone = constructor(
         include_top=False,
-        weights=None if file_weights else weights,
+        weights=None if from_file else weights,
         input_shape=shape,
         pooling="avg",
     )
-    if file_weights:
-        full = _applications_model(config, include_top=True)
+    if from_file:
         for layer in backbone.layers:
             if layer.weights:
-                layer.set_weights(full.get_layer(layer.name).get_weights())
-    return backbone
+                layer.set_weights(
+                    source_model.get_layer(layer.name).get_weights()
+                )
+    return backbone, source_model
 
 
 def _load_pretrained(config):
@@ -681,8 +687,7 @@ def _load_pretrained(config):
             source_model.get_layer(config.source_head_layer),
         )
     try:
-        backbone = _applications_model(config, include_top=False)
-        source_model = _applications_model(config, include_top=True)
+        backbone, source_model = _applications_models(config)
     except ConfigError:
         raise
     except ValueError as error:
