@@ -316,14 +316,21 @@ class _Moments:
 
     def __init__(self, a, b):
         channels = a.shape[-1]
-        self.shift_a = a.reshape(-1, channels).mean(axis=0)
-        self.shift_b = b.reshape(-1, channels).mean(axis=0)
+        a = a.reshape(-1, channels)
+        b = b.reshape(-1, channels)
+        self.shift_a = np.where(np.isfinite(a), a, 0.0).mean(axis=0)
+        self.shift_b = np.where(np.isfinite(b), b, 0.0).mean(axis=0)
         self.count = 0
         self.sums = np.zeros((5, channels))
+        self.finite = np.ones(channels, dtype=bool)
 
     def add(self, a, b):
-        a = a.reshape(-1, a.shape[-1]) - self.shift_a
-        b = b.reshape(-1, b.shape[-1]) - self.shift_b
+        a = a.reshape(-1, a.shape[-1])
+        b = b.reshape(-1, b.shape[-1])
+        finite = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+        self.finite &= finite
+        a = np.where(finite, a, 0.0) - self.shift_a
+        b = np.where(finite, b, 0.0) - self.shift_b
         self.count += len(a)
         self.sums += np.stack(
             [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), (a * b).sum(0)]
@@ -343,7 +350,7 @@ class _Moments:
         with np.errstate(divide="ignore", invalid="ignore"):
             r2 = cov**2 / (var_a * var_b)
         r2 = np.clip(r2, 0.0, 1.0)
-        r2[constant] = np.nan
+        r2[constant | ~self.finite] = np.nan
         return r2
 
 
@@ -360,7 +367,8 @@ def activation_r2(reference, model, x, batch_size=64):
     the coefficient of determination of the least-squares line b_j ≈ u a_j
     + v (the squared Pearson correlation). R² = 1 when fine-tuning changed
     feature j by an affine map at most; a feature constant in either model
-    (a dead ReLU channel) gets NaN. Both models run in inference mode.
+    (a dead ReLU channel), or not finite (a diverged model), gets NaN. Both
+    models run in inference mode.
 
     Args:
         reference: a `keras.Model` (the pretrained network) with one output

@@ -68,13 +68,17 @@ def test_r2_of_the_least_squares_line_and_of_an_affine_change():
             np.testing.assert_allclose(r2[j], expected, rtol=1e-5)
 
 
-def test_r2_of_a_constant_feature_is_nan():
-    inputs = keras.Input((2,))
+def test_r2_of_a_constant_or_non_finite_feature_is_nan():
+    inputs = keras.Input((3,))
     reference = keras.Model(inputs, inputs)
-    dead = keras.Model(inputs, inputs * keras.ops.convert_to_tensor([1.0, 0.0]))
-    x = np.random.default_rng(3).normal(size=(20, 2)).astype("float32")
-    r2 = analysis.activation_r2(reference, dead, x)[0]
-    assert r2[0] == pytest.approx(1.0) and np.isnan(r2[1])
+    scale = keras.ops.convert_to_tensor([1.0, 0.0, 1.0])
+    # Feature 0 kept, 1 dead (constant), 2 infinite on some examples.
+    dead = keras.Model(inputs, inputs * scale / (inputs + 1.0) * (inputs + 1.0))
+    x = np.random.default_rng(3).normal(size=(20, 3)).astype("float32")
+    x[5, 2] = -1.0
+    r2 = analysis.activation_r2(reference, dead, x, batch_size=8)[0]
+    assert r2[0] == pytest.approx(1.0, abs=1e-5)
+    assert np.isnan(r2[1]) and np.isnan(r2[2])
 
 
 def test_r2_rejects_mismatched_outputs_and_too_few_examples():
