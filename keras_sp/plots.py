@@ -146,16 +146,19 @@ def plot_alpha_beta_grid(grid, path, title=None):
         for (alpha, beta), accuracies in grid.items():
             values[betas.index(beta), alphas.index(alpha)] = accuracies[index]
         image = axes.imshow(100 * values, origin="lower", cmap="viridis")
+        low, high = np.nanmin(values), np.nanmax(values)
         for row in range(len(betas)):
             for column in range(len(alphas)):
-                if not np.isnan(values[row, column]):
+                value = values[row, column]
+                if not np.isnan(value):
+                    bright = high > low and (value - low) / (high - low) > 0.6
                     axes.text(
                         column,
                         row,
-                        f"{100 * values[row, column]:.1f}",
+                        f"{100 * value:.1f}",
                         ha="center",
                         va="center",
-                        color="white",
+                        color="black" if bright else "white",
                         fontsize=8,
                     )
         axes.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
