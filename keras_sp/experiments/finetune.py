@@ -1686,6 +1686,7 @@ def _table3(config, runs, chosen, slugs):
     modes = ("source_as_trained", "source_reestimated")
     rows = []
     for slug in slugs:
+        selected_by_kind = {}
         for kind in config.kinds:
             point = chosen.get((slug, kind))
             selected = [
@@ -1695,20 +1696,35 @@ def _table3(config, runs, chosen, slugs):
                 )
                 if any(mode in run for mode in modes)
             ]
-            if not selected:
-                continue
+            if selected:
+                selected_by_kind[kind] = selected
+        baseline = {run["seed"]: run for run in selected_by_kind.get("l2", [])}
+        for kind, selected in selected_by_kind.items():
             reference = next(
                 selected[0][mode]["pretrained"]
                 for mode in modes
                 if mode in selected[0]
             )
 
-            def cell(mode, selected=selected):
+            def cell(mode, selected=selected, kind=kind, baseline=baseline):
                 if mode not in selected[0]:
                     return "–"
                 drops = [run[mode]["drop"] for run in selected]
                 kept = [run[mode]["fine_tuned"] for run in selected]
-                return f"{100 * np.mean(drops):+.1f} ({_percent(kept)})"
+                text = f"{100 * np.mean(drops):+.1f} ({_percent(kept)})"
+                matched = [
+                    run[mode]["fine_tuned"]
+                    - baseline[run["seed"]][mode]["fine_tuned"]
+                    for run in selected
+                    if run["seed"] in baseline
+                ]
+                if kind != "l2" and len(matched) > 1:
+                    error = np.std(matched, ddof=1) / math.sqrt(len(matched))
+                    text += (
+                        f"; vs L2 {100 * np.mean(matched):+.1f} ± "
+                        f"{100 * error:.1f}"
+                    )
+                return text
 
             rows.append(
                 f"| {_dataset_title(config, slug)} | {_KIND_NAMES[kind]} | "
@@ -1723,7 +1739,8 @@ def _table3(config, runs, chosen, slugs):
             "",
             "Source-task accuracy drop (points) of the fine-tuned backbone "
             "with the original source classifier, on source validation "
-            "images; in brackets the accuracy kept (mean ± std over runs).",
+            "images; in brackets the accuracy kept (mean ± std over runs) "
+            "and its difference from L2's on the same seeds (mean ± SE).",
             "",
             "| data set | method | pretrained (%) | drop, BN statistics as "
             "fine-tuning left them | drop, BN statistics re-estimated on the "
