@@ -219,6 +219,9 @@ def plot_freezing(series, path, title=None):
             axes.axhline(
                 100 * data["baseline"], color=color, linestyle="--", linewidth=1
             )
+    axes.set_xticks(
+        sorted({n for data in series.values() for n in data["points"]})
+    )
     axes.set_xlabel("n: depth units frozen (from the input)")
     axes.set_ylabel("test accuracy (%)")
     axes.legend()
