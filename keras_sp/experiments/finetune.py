@@ -522,9 +522,11 @@ class FinetuneConfig:
 
 
 # Keys that say how many runs to make or how to report them, not how a run
-# is made: changing them keeps the runs already recorded valid.
+# is made: changing them keeps the runs already recorded valid (a run's key
+# names its data set, and each data set is drawn on its own).
 _EXTENT_KEYS = (
     "title",
+    "per_class",
     "repeats",
     "freeze_units",
     "freeze_kinds",
