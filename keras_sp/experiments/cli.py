@@ -27,6 +27,7 @@ __all__ = [
 
 EXPERIMENT_MODULES = (
     "keras_sp.experiments.demo",
+    "keras_sp.experiments.finetune",
     "keras_sp.experiments.grow",
     "keras_sp.experiments.transferability",
     "keras_sp.experiments.fisher",

@@ -7,11 +7,57 @@ import tensorflow as tf
 from keras_sp import analysis
 
 __all__ = [
+    "StepDecayWithWarmup",
     "accuracy",
     "accuracy_and_loss",
     "fine_tune",
     "training_dataset",
 ]
+
+
+@keras.saving.register_keras_serializable(package="keras_sp")
+class StepDecayWithWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning rate divided by 10 once, after an optional linear warm-up.
+
+    `lr(t) = learning_rate * min(1, (t + 1) / warmup) * (0.1 if t >= drop_at
+    else 1)` at step t (counted from 0). With `warmup = 0` this is the
+    paper's schedule: constant, then divided by 10 after `drop_at` steps
+    (6000 of 9000).
+
+    Args:
+        learning_rate: the initial (peak) learning rate.
+        drop_at: the step from which the rate is divided by 10.
+        warmup: steps of linear warm-up (0 for none).
+
+    Example:
+
+    >>> schedule = StepDecayWithWarmup(0.1, drop_at=6, warmup=4)
+    >>> [round(float(schedule(t)), 3) for t in (0, 3, 5, 6)]
+    [0.025, 0.1, 0.1, 0.01]
+    """
+
+    def __init__(self, learning_rate, drop_at, warmup=0):
+        self.learning_rate = float(learning_rate)
+        self.drop_at = int(drop_at)
+        self.warmup = int(warmup)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        rate = keras.ops.where(
+            step >= self.drop_at,
+            self.learning_rate / 10,
+            self.learning_rate,
+        )
+        if self.warmup > 0:
+            rate = rate * keras.ops.minimum(1.0, (step + 1) / self.warmup)
+        return rate
+
+    def get_config(self):
+        return {
+            "learning_rate": self.learning_rate,
+            "drop_at": self.drop_at,
+            "warmup": self.warmup,
+        }
 
 
 def training_dataset(x, y, batch_size, seed):
@@ -29,15 +75,19 @@ def fine_tune(
     learning_rate=0.01,
     momentum=0.9,
     lr_drop_at=None,
+    warmup_iterations=0,
     callbacks=(),
     verbose=0,
+    run_eagerly=False,
 ):
     """Fine-tunes `model` with SGD and momentum, dropping the rate once.
 
     The paper's protocol (section 4.2): SGD with momentum 0.9, the learning
     rate divided by 10 after `lr_drop_at` iterations (6000 of 9000 there),
     cross-entropy on logits. The penalties attached with
-    `keras_sp.regularize` are part of the loss.
+    `keras_sp.regularize` are part of the loss. An optional linear warm-up
+    of the learning rate (`StepDecayWithWarmup`) keeps a fresh head with
+    large gradients from wrecking the pretrained weights in the first steps.
 
     Args:
         model: a built model whose output is logits.
@@ -47,20 +97,25 @@ def fine_tune(
         momentum: SGD momentum.
         lr_drop_at: the step after which the rate is divided by 10 (default:
             two thirds of `iterations`, as 6000 of 9000).
+        warmup_iterations: steps of linear learning-rate warm-up (0: none,
+            as in the paper).
         callbacks: Keras callbacks for `fit`.
         verbose: Keras verbosity.
+        run_eagerly: run the train steps eagerly instead of tracing a graph
+            (much faster for a few steps of a large model, e.g. dry runs).
 
     Returns:
         The `History` of the single `fit` epoch of `iterations` steps.
     """
     if lr_drop_at is None:
         lr_drop_at = (2 * iterations) // 3
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        [int(lr_drop_at)], [learning_rate, learning_rate / 10]
+    schedule = StepDecayWithWarmup(
+        learning_rate, drop_at=lr_drop_at, warmup=warmup_iterations
     )
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=run_eagerly,
     )
     return model.fit(
         dataset,
