@@ -152,11 +152,12 @@ class GrowLayer(keras.layers.Wrapper):
     >>> from keras_sp.layers import GrowLayer
     >>> fc = keras.layers.Dense(4, kernel_initializer="ones")
     >>> fc.build((None, 3))
-    >>> grow = GrowLayer(fc, units=2, scale_init=10.0, kernel_initializer="ones")
+    >>> grow = GrowLayer(fc, units=2, kernel_initializer="ones")
     >>> y = grow(keras.ops.ones((1, 3)))
     >>> tuple(y.shape)
     (1, 6)
-    >>> # each part has norm scale_init: 10 * [1, 1, 1, 1] / 2 and 10 * [1, 1] / sqrt(2)
+    >>> # Each part has norm scale_init = 10: 10 * [1, 1, 1, 1] / 2 for
+    >>> # the old units, 10 * [1, 1] / sqrt(2) for the new ones.
     >>> [round(float(v), 3) for v in y[0]]
     [5.0, 5.0, 5.0, 5.0, 7.071, 7.071]
 
