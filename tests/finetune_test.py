@@ -1,5 +1,6 @@
 """The fine-tuning experiment runner: protocol, tables, resume, bad input."""
 
+import dataclasses
 import json
 import os
 
@@ -394,3 +395,43 @@ def test_choices_of_one_data_set_serve_the_others_with_select_on():
     assert finetune.chosen_point(config, runs, "fashion_mnist_60", "l2") is None
     with pytest.raises(ConfigError, match="select_on"):
         load_config(dict(values, select_on=60), finetune.FinetuneConfig)
+
+
+def test_command_line_runs_a_tiny_experiment_then_reports_only(
+    small_experiment, tmp_path
+):
+    config, _, _ = small_experiment
+    values = dataclasses.asdict(config)
+    values.update(
+        kinds=["l2", "l2_sp"],
+        alpha_grid={"l2": [1e-4], "l2_sp": [0.01]},
+        beta_grid={},
+        learning_rate_grid=[0.01],
+        repeats=1,
+        freeze_units=[],
+        freeze_kinds=[],
+        r2_kinds=["l2"],
+        source_batchnorm=["as_trained"],
+    )
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(values))
+    out = tmp_path / "out"
+    argv = ["finetune", "--config", str(path), "--out", str(out)]
+    assert cli.main(argv) == 0
+    with open(out / "results.json") as handle:
+        runs = json.load(handle)["runs"]
+    test = by_phase(runs, "test")
+    assert sorted(r["kind"] for r in test) == ["l2", "l2_sp"]
+    table = (out / "table2.md").read_text()
+    for run in test:
+        name = {"l2": "L2", "l2_sp": "L2-SP"}[run["kind"]]
+        assert f"| {name} | {100 * run['accuracy']:.1f} ± 0.0 |" in table
+    # --report-only redraws the tables from results.json, training nothing.
+    (out / "table2.md").unlink()
+    assert cli.main([*argv, "--report-only"]) == 0
+    assert (out / "table2.md").read_text() == table
+    with open(out / "results.json") as handle:
+        assert len(json.load(handle)["runs"]) == len(runs)
+    # --report-only on a folder without results is a one-line error.
+    empty = ["finetune", "--config", str(path), "--out", str(tmp_path / "e")]
+    assert cli.main([*empty, "--report-only"]) == 2
