@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -163,3 +164,24 @@ def test_accuracy_and_loss_match_keras():
     )
     assert accuracy == np.mean(np.argmax(logits, -1) == y)
     np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
+
+
+def test_command_line_runs_the_demo_on_tiny_data(
+    tiny_setting, tmp_path, capsys
+):
+    config, _, _ = tiny_setting
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(dataclasses.asdict(config)))
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--config", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    test = [r for r in runs if r["phase"] == "test"]
+    assert sorted({r["seed"] for r in test}) == config.seeds
+    frozen = [
+        100 * r["target_accuracy"] for r in test if r["method"] == "frozen"
+    ]
+    assert len(frozen) == len(config.seeds)
+    row = f"| frozen | – | {np.mean(frozen):.1f} ± {np.std(frozen):.1f} |"
+    assert row in (out / "table.md").read_text()
+    assert row in printed

@@ -165,3 +165,17 @@ def test_cli_bad_config_exits_with_a_one_line_error(
     assert error.startswith("keras-sp grow: error: Config key 'units'")
     assert "Received: units=0" in error
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_command_line_runs_the_comparison_on_tiny_data(tiny_fashion, capsys):
+    path = tiny_fashion / "grow.json"
+    path.write_text(json.dumps(TINY))
+    out = tiny_fashion / "cli"
+    assert cli.main(["grow", "--config", str(path), "--out", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 4 * len(TINY["seeds"])
+    table = (out / "results.md").read_text()
+    assert table in capsys.readouterr().out
+    for method, row in _table_rows(table).items():
+        scores = [r["test_accuracy"] for r in runs if r["method"] == method]
+        assert float(row[0]) == pytest.approx(np.mean(scores), abs=5e-5)

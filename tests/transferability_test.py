@@ -195,3 +195,27 @@ def test_command_line_bad_config_exits_with_one_line_error(
     assert error.count("\n") == 1
     assert error.startswith("keras-sp transferability: error: Unknown config")
     assert "Received: epoch=2" in error
+
+
+def test_command_line_runs_the_experiment_on_tiny_data(
+    tmp_path, monkeypatch, capsys
+):
+    data = synthetic_images(classes=10)
+    monkeypatch.setattr(
+        transferability, "load_fashion_mnist", lambda *args, **kwargs: data
+    )
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    out = tmp_path / "out"
+    argv = ["transferability", "--config", str(path), "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["table"] == str(out / "table.md")
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(run["key"] for run in runs) == sorted(
+        ["baseA/repeat0", "baseB/repeat0"]
+        + [f"{kind}/n3/repeat0" for kind in KINDS]
+    )
+    table = (out / "table.md").read_text()
+    base_b = next(r for r in runs if r["key"] == "baseB/repeat0")
+    assert f"| 0 (base B) | {base_b['accuracy']:.4f}" in table
