@@ -32,6 +32,8 @@ import keras
 import numpy as np
 from keras import tree
 
+from keras_sp import penalties
+
 __all__ = [
     "MAX_GRADIENT_ENTRIES",
     "MAX_PAIRS",
@@ -700,14 +702,7 @@ def _match(fisher, model, what):
     matched, used, missing = {}, set(), []
     for variable in model.trainable_variables:
         path = variable.path
-        if path in fisher:
-            candidates = [path]
-        else:
-            candidates = [
-                key
-                for key in fisher
-                if path.endswith("/" + key) or key.endswith("/" + path)
-            ]
+        candidates = penalties._matching_keys(fisher, path)
         if len(candidates) > 1:
             raise ValueError(
                 f"{what} has several entries for variable '{path}' of model "

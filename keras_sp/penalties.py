@@ -71,20 +71,27 @@ class _Missing:
 _MISSING = _Missing()
 
 
-def _lookup(mapping, path, argument):
-    """Finds `path` in `mapping`: exactly, or as a '/'-aligned suffix.
+def _matching_keys(mapping, path):
+    """The keys of `mapping` for a variable `path`: exactly, or as a
+    '/'-aligned suffix.
 
     A source model nested in the target (or the target's backbone used alone
     as the source) gives paths that differ by a leading scope, so
-    `"resnet50/conv1_conv/kernel"` matches `"conv1_conv/kernel"`.
+    `"resnet50/conv1_conv/kernel"` matches `"conv1_conv/kernel"`. The
+    Fisher module matches saved Fisher files by the same rule.
     """
     if path in mapping:
-        return mapping[path]
-    candidates = [
+        return [path]
+    return [
         key
         for key in mapping
         if path.endswith("/" + key) or key.endswith("/" + path)
     ]
+
+
+def _lookup(mapping, path, argument):
+    """Finds `path` in `mapping` (see `_matching_keys`)."""
+    candidates = _matching_keys(mapping, path)
     if len(candidates) > 1:
         raise ValueError(
             f"`{argument}` has several entries matching variable '{path}': "
