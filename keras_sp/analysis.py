@@ -66,7 +66,7 @@ def weight_drift(model, starting_point=None):
 
     >>> import keras, keras_sp
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> model = keras_sp.regularize(model, "l2_sp", alpha=0.1)
+    >>> model = keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=())
     >>> keras_sp.analysis.weight_drift(model)["distance"]
     0.0
     """
@@ -123,7 +123,7 @@ def unit_drift(model, starting_point=None):
     >>> import keras, keras_sp
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3),
     ...                           keras.layers.Dense(1)])
-    >>> model = keras_sp.regularize(model, "l2_sp", alpha=0.1)
+    >>> model = keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=())
     >>> [row["distance"] for row in keras_sp.analysis.unit_drift(model)]
     [0.0, 0.0]
     """

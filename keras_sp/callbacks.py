@@ -5,6 +5,7 @@ import warnings
 import weakref
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sp import analysis
@@ -259,8 +260,12 @@ class FisherInformation(keras.callbacks.Callback):
     restores the fine-tuned weights *and* the w0 and F of the pretrained
     weights. The callback attaches nothing when the model already carries
     a Fisher-weighted keras-sp penalty (for instance a model reloaded from
-    a `.keras` file saved during fine-tuning), and never recomputes F on a
-    second `fit` of the same model.
+    a `.keras` file saved during fine-tuning) with the same settings, and
+    never recomputes F on a second `fit` of the same model. When the
+    carried penalty's settings (kind, alpha, beta, `penalize`,
+    `fisher_epsilon`, `fisher_clip`, or a `fisher` given explicitly) differ
+    from the callback's, it attaches its own with the same starting point
+    and F (the given `fisher` if any) and warns, naming what changed.
 
     Args:
         source_data: inputs of the source task, as `data` of
@@ -274,7 +279,8 @@ class FisherInformation(keras.callbacks.Callback):
         kind: `"l2_sp_fisher"` (eq. 4) or `"group_lasso_sp_fisher"` (eq. 7).
         alpha: non-negative float, the strength on the shared part.
         beta: non-negative float, the L2 strength on `new_layers`.
-        new_layers: layers (or names) new for the target task.
+        new_layers: layers (or names) new for the target task; omitting
+            it warns, as in `keras_sp.regularize`.
         penalize: `"kernels"` or `"all"`, as in `keras_sp.regularize`.
         mode: `"exact"`, `"sampled"` or `"empirical"` (see `diagonal_fisher`).
         samples: labels drawn per example in `"sampled"` mode.
@@ -316,7 +322,7 @@ class FisherInformation(keras.callbacks.Callback):
         kind="l2_sp_fisher",
         alpha,
         beta=0.0,
-        new_layers=(),
+        new_layers=None,
         penalize="kernels",
         mode="exact",
         samples=1,
@@ -376,6 +382,7 @@ class FisherInformation(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.max_examples = max_examples
         self.seed = seed
+        self._fisher_given = fisher is not None
         self.fisher_epsilon = fisher_epsilon
         self.fisher_clip = fisher_clip
         self.verbose = verbose
@@ -392,11 +399,32 @@ class FisherInformation(keras.callbacks.Callback):
     def _attach(self, model):
         if self._attached_to is not None and self._attached_to() is model:
             return
+        self._attached_to = weakref.ref(model)
         if any(
             getattr(regularizer, "fisher_weighted", False)
             for _, _, regularizer in penalties.attached_penalties(model)
         ):
-            self._attached_to = weakref.ref(model)
+            # A resumed or reloaded run: F is never recomputed. Attach anew
+            # only when the carried penalty is not the one asked for.
+            changed = self._changed_settings(model)
+            if changed:
+                warnings.warn(
+                    f"FisherInformation: model '{model.name}' already "
+                    "carries a Fisher-weighted penalty with other settings "
+                    f"({'; '.join(changed)}). Attaching kind={self.kind!r}, "
+                    f"alpha={self.alpha}, beta={self.beta} with the same "
+                    "starting point and "
+                    + (
+                        "the `fisher` given."
+                        if self._fisher_given
+                        else "Fisher weights (F is not recomputed)."
+                    ),
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._regularize(
+                    model, self.fisher if self._fisher_given else None
+                )
             return
         if self.fisher is None:
             self.fisher = fisher_lib.diagonal_fisher(
@@ -410,18 +438,58 @@ class FisherInformation(keras.callbacks.Callback):
                 seed=self.seed,
                 verbose=self.verbose,
             )
+        self._regularize(model, self.fisher)
+
+    def _regularize(self, model, fisher):
         penalties.regularize(
             model,
             self.kind,
             alpha=self.alpha,
             beta=self.beta,
             new_layers=self.new_layers,
-            fisher=self.fisher,
+            fisher=fisher,
             penalize=self.penalize,
             fisher_epsilon=self.fisher_epsilon,
             fisher_clip=self.fisher_clip,
         )
-        self._attached_to = weakref.ref(model)
+
+    def _changed_settings(self, model):
+        """How the penalty `model` carries differs from this callback's:
+        `["alpha: 0.1 attached, 10.0 asked", ...]`. Settings a model loaded
+        from a file does not record (beta, penalize, ...) are not compared.
+        """
+        carried = penalties.attached_settings(model) or {}
+        asked = {
+            "kind": self.kind,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "penalize": self.penalize,
+            "fisher_epsilon": regularizers.check_coefficient(
+                "fisher_epsilon", self.fisher_epsilon
+            ),
+            "fisher_clip": self.fisher_clip,
+        }
+        changed = [
+            f"{key}: {carried[key]!r} attached, {value!r} asked"
+            for key, value in asked.items()
+            if carried.get(key) is not None and carried[key] != value
+        ]
+        if self._fisher_given:
+            remembered = penalties._MEMORY.get(model)
+            carried_fisher = penalties.PathDict(
+                remembered.fisher if remembered is not None else {}
+            )
+            for _, variable, regularizer in penalties.attached_penalties(model):
+                if getattr(regularizer, "fisher_weighted", False):
+                    carried_fisher.setdefault(variable.path, regularizer.fisher)
+            given = penalties.PathDict(self.fisher)
+            if any(
+                path not in given
+                or not np.array_equal(np.asarray(given[path]), array)
+                for path, array in carried_fisher.items()
+            ):
+                changed.append("fisher: another array given")
+        return changed
 
 
 def _describe(value):

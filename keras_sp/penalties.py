@@ -14,18 +14,24 @@ the layer, so that the layer's config names it and saving the model saves
 the penalty with its starting point and Fisher weights.
 """
 
+import warnings
 import weakref
 
 import keras
 import numpy as np
 
 from keras_sp import _keras_private
+from keras_sp import _paths
+from keras_sp import _selection
 from keras_sp import regularizers
+from keras_sp._paths import PathDict
 
 __all__ = [
     "KINDS",
     "PENALIZE",
+    "PathDict",
     "attached_penalties",
+    "attached_settings",
     "regularize",
     "starting_point",
     "unregularize",
@@ -42,8 +48,7 @@ KINDS = (
 FISHER_KINDS = ("l2_sp_fisher", "group_lasso_sp_fisher")
 PENALIZE = ("kernels", "all")
 
-# Variable names Keras gives to convolution, depthwise and dense kernels.
-KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
+KERNEL_NAMES = _selection.KERNEL_NAMES
 # For a variable name, the layer arguments that hold its regularizer, in the
 # order to try (a DepthwiseConv2D names its kernel "kernel" but takes
 # `depthwise_regularizer`).
@@ -58,158 +63,35 @@ REGULARIZER_ATTRIBUTES = {
 }
 _OURS = (regularizers.L2, regularizers._StartingPointPenalty)
 
-# Starting points of the shared part recorded by `regularize(kind="l2")`,
-# whose penalty does not use them, so that the distance ||w - w0|| can still
-# be monitored. Keyed by model, dropped with it.
-_L2_REFERENCES = weakref.WeakKeyDictionary()
 
+class _Memory:
+    """What `regularize` was given for one model, kept while the model lives.
 
-class _Missing:
-    pass
-
-
-_MISSING = _Missing()
-
-
-def _matching_keys(mapping, path):
-    """The keys of `mapping` for a variable `path`: exactly, or as a
-    '/'-aligned suffix.
-
-    A source model nested in the target (or the target's backbone used alone
-    as the source) gives paths that differ by a leading scope, so
-    `"resnet50/conv1_conv/kernel"` matches `"conv1_conv/kernel"`. The
-    Fisher module matches saved Fisher files by the same rule.
+    `starting_point` and `fisher` (the raw F, before `fisher_clip` and
+    `fisher_epsilon`) are `{variable.path: np.ndarray}`; `settings` are the
+    arguments of the last `regularize` call. They outlive `unregularize` and
+    a switch to a kind that does not use them, so that a later `regularize`
+    measures against the pretrained w0 and finds F again.
     """
-    if path in mapping:
-        return [path]
-    return [
-        key
-        for key in mapping
-        if path.endswith("/" + key) or key.endswith("/" + path)
-    ]
+
+    def __init__(self):
+        self.starting_point = {}
+        self.fisher = {}
+        self.settings = None
 
 
-def _lookup(mapping, path, argument):
-    """Finds `path` in `mapping` (see `_matching_keys`)."""
-    candidates = _matching_keys(mapping, path)
-    if len(candidates) > 1:
-        raise ValueError(
-            f"`{argument}` has several entries matching variable '{path}': "
-            f"{sorted(candidates)}. Pass a mapping keyed by the exact "
-            "`variable.path` of the model's variables."
-        )
-    if candidates:
-        return mapping[candidates[0]]
-    return _MISSING
+# Keyed by model, dropped with it.
+_MEMORY = weakref.WeakKeyDictionary()
 
 
-def _as_mapping(value, argument):
-    if isinstance(value, keras.Model):
-        if not value.weights:
-            raise ValueError(
-                f"`{argument}` is a model without weights (not built). "
-                f"Received: {argument}={value.name!r}"
-            )
-        return {variable.path: variable for variable in value.weights}
-    if hasattr(value, "items"):
-        return dict(value.items())
-    raise ValueError(
-        f"`{argument}` must be a keras.Model or a mapping from variable path "
-        f"to array. Received: {argument} of type {type(value).__name__}"
-    )
+def _memory(model):
+    if model not in _MEMORY:
+        _MEMORY[model] = _Memory()
+    return _MEMORY[model]
 
 
-def _to_numpy(value):
-    if isinstance(value, keras.Variable):
-        return np.array(value.numpy())
-    return np.asarray(value)
-
-
-def _layers_in(model):
-    return [model] + _keras_private.all_layers(model)
-
-
-def _resolve_new_layers(model, new_layers):
-    if isinstance(new_layers, (keras.layers.Layer, str)):
-        new_layers = [new_layers]
-    try:
-        new_layers = list(new_layers)
-    except TypeError:
-        raise ValueError(
-            "`new_layers` must be a list of layers (or layer names) of the "
-            f"model. Received: new_layers={new_layers!r}"
-        ) from None
-    layers = _keras_private.all_layers(model)
-    by_name = {}
-    for layer in layers:
-        by_name.setdefault(layer.name, []).append(layer)
-    resolved = []
-    for index, item in enumerate(new_layers):
-        if isinstance(item, str):
-            matches = by_name.get(item, [])
-            if len(matches) != 1:
-                reason = "no" if not matches else f"{len(matches)}"
-                raise ValueError(
-                    f"`new_layers[{index}]`: model '{model.name}' has {reason} "
-                    f"layer named '{item}'. Received: new_layers={new_layers!r}"
-                )
-            item = matches[0]
-        elif not isinstance(item, keras.layers.Layer):
-            raise ValueError(
-                f"`new_layers[{index}]` must be a layer or a layer name. "
-                f"Received: new_layers[{index}]={item!r}"
-            )
-        elif not any(item is layer for layer in layers):
-            raise ValueError(
-                f"`new_layers[{index}]`: layer '{item.name}' is not in model "
-                f"'{model.name}'. Received: new_layers="
-                f"{[getattr(x, 'name', x) for x in new_layers]}"
-            )
-        resolved.append(item)
-    return resolved
-
-
-def _penalized_variables(model, penalize):
-    """Returns `[(layer, variable)]` for the variables `penalize` selects."""
-    selected = []
-    seen = set()
-    for layer in _layers_in(model):
-        for variable in _keras_private.own_trainable_variables(layer):
-            if id(variable) in seen:
-                continue
-            seen.add(id(variable))
-            if penalize == "kernels" and variable.name not in KERNEL_NAMES:
-                continue
-            selected.append((layer, variable))
-    return selected
-
-
-def _group_axes(layer, variable):
-    """Groups are output channels; a depthwise kernel's are (channel, mult)."""
-    rank = len(variable.shape)
-    depthwise = variable.name == "depthwise_kernel" or (
-        variable.name == "kernel"
-        and isinstance(
-            layer,
-            (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D),
-        )
-    )
-    if depthwise and rank >= 3:
-        return tuple(range(rank - 2))
-    return None
-
-
-def _check_unique_paths(model):
-    counts = {}
-    for variable in model.weights:
-        counts[variable.path] = counts.get(variable.path, 0) + 1
-    repeated = sorted(path for path, count in counts.items() if count > 1)
-    if repeated:
-        raise ValueError(
-            f"Model '{model.name}' has several variables with the same path "
-            f"({repeated[:3]}); keras-sp keys starting points and Fisher "
-            "weights by `variable.path`. Give the layers unique names."
-        )
+# The Fisher module matches saved Fisher files by the same rule.
+_matching_keys = _paths.matching_keys
 
 
 def attached_penalties(model):
@@ -223,7 +105,7 @@ def attached_penalties(model):
         carries a keras-sp regularizer, in the order of `model.weights`.
     """
     owners = {}
-    for layer in _layers_in(model):
+    for layer in _selection.layers_in(model):
         for variable in _keras_private.own_variables(layer):
             owners.setdefault(id(variable), layer)
     attached = []
@@ -243,12 +125,28 @@ def starting_point(model):
             after it.
 
     Returns:
-        A dict `{variable.path: np.ndarray}`: the w0 of every -SP penalty
-        attached, or for `kind="l2"` the weights the model had when
-        `regularize` was called (kept in memory only). Empty when the model
-        carries neither.
+        A `PathDict` `{variable.path: np.ndarray}`: the w0 of every -SP
+        penalty attached and, kept in memory while the model lives, the w0
+        `regularize` recorded for `kind="l2"` or before `unregularize`.
+        Empty when there is none. Its lookups accept a path Keras changed
+        on save/load (`"backbone/c1/kernel"` finds `"c1/kernel"`).
+
+    Example:
+
+    >>> import keras, keras_sp
+    >>> model = keras.Sequential([keras.Input((3,)),
+    ...                           keras.layers.Dense(2, name="d")], name="net")
+    >>> _ = keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=())
+    >>> w0 = keras_sp.starting_point(model)
+    >>> list(w0)
+    ['net/d/kernel']
+    >>> bool((w0["net/d/kernel"] == model.layers[0].kernel).all())
+    True
+    >>> w0["d/kernel"].shape  # a '/'-aligned suffix finds it too
+    (3, 2)
     """
-    references = dict(_L2_REFERENCES.get(model, {}))
+    memory = _MEMORY.get(model)
+    references = PathDict(memory.starting_point if memory else {})
     for _, variable, regularizer in attached_penalties(model):
         if isinstance(regularizer, regularizers._StartingPointPenalty):
             if regularizer.starting_point is not None:
@@ -256,8 +154,72 @@ def starting_point(model):
     return references
 
 
+def attached_settings(model):
+    """The arguments of the `regularize` call whose penalties `model`
+    carries, or None.
+
+    Known exactly for a call made in this process; for a model loaded from
+    a file, `kind` and `alpha` are read off the attached penalties and the
+    other entries are None.
+
+    Args:
+        model: a `keras.Model`.
+
+    Returns:
+        A dict with keys `kind`, `alpha`, `beta`, `penalize`,
+        `fisher_epsilon`, `fisher_clip`, or None when no keras-sp penalty is
+        attached.
+    """
+    attached = attached_penalties(model)
+    if not attached:
+        return None
+    memory = _MEMORY.get(model)
+    if memory is not None and memory.settings is not None:
+        return dict(memory.settings)
+    kinds = {_kind_of(regularizer) for _, _, regularizer in attached}
+    shared = [r for _, _, r in attached if _kind_of(r) != "l2"]
+    kind = _kind_of(shared[0]) if shared else "l2"
+    alphas = (
+        {r.alpha for r in shared}
+        if shared
+        else {r.alpha for _, _, r in attached}
+    )
+    return {
+        "kind": kind if len(kinds - {"l2"}) <= 1 else None,
+        "alpha": alphas.pop() if len(alphas) == 1 else None,
+        "beta": None,
+        "penalize": None,
+        "fisher_epsilon": None,
+        "fisher_clip": None,
+    }
+
+
+def _kind_of(regularizer):
+    if isinstance(regularizer, regularizers.L2SP):
+        return "l2_sp_fisher" if regularizer.fisher_weighted else "l2_sp"
+    if isinstance(regularizer, regularizers.L1SP):
+        return "l1_sp"
+    if isinstance(regularizer, regularizers.GroupLassoSP):
+        if regularizer.fisher_weighted:
+            return "group_lasso_sp_fisher"
+        return "group_lasso_sp"
+    return "l2"
+
+
+def _remember_attached(model):
+    """Copies the w0 and F attached to `model` into its memory."""
+    memory = _memory(model)
+    for _, variable, regularizer in attached_penalties(model):
+        if isinstance(regularizer, regularizers._StartingPointPenalty):
+            if regularizer.starting_point is None:
+                continue
+            memory.starting_point[variable.path] = regularizer.starting_point
+            if regularizer.fisher is not None:
+                memory.fisher.setdefault(variable.path, regularizer.fisher)
+
+
 def _detach(model):
-    for layer in _layers_in(model):
+    for layer in _selection.layers_in(model):
         for variable in _keras_private.own_variables(layer):
             if isinstance(variable.regularizer, _OURS):
                 variable.regularizer = None
@@ -265,7 +227,6 @@ def _detach(model):
             for attribute in attributes:
                 if isinstance(getattr(layer, attribute, None), _OURS):
                     setattr(layer, attribute, None)
-    _L2_REFERENCES.pop(model, None)
 
 
 def _attach(layer, variable, regularizer):
@@ -289,7 +250,13 @@ def _reset_compiled_functions(model):
 def unregularize(model):
     """Removes every penalty `regularize` attached to `model`.
 
-    Regularizers that keras-sp did not attach are left as they are.
+    Regularizers that keras-sp did not attach are left as they are. The
+    starting point and Fisher weights are remembered while the model lives
+    (in this process), so a later `regularize` measures against the same
+    pretrained w0 (pass `starting_point=model` to restart from the current
+    weights instead). The model's config then names no keras-sp object:
+    saved after `unregularize`, it loads with plain Keras, without keras-sp
+    installed.
 
     Args:
         model: a `keras.Model`.
@@ -297,6 +264,7 @@ def unregularize(model):
     Returns:
         The model.
     """
+    _remember_attached(model)
     _detach(model)
     _reset_compiled_functions(model)
     return model
@@ -316,7 +284,7 @@ def regularize(
     *,
     alpha,
     beta=0.0,
-    new_layers=(),
+    new_layers=None,
     starting_point=None,
     fisher=None,
     penalize="kernels",
@@ -340,10 +308,13 @@ def regularize(
     | `"group_lasso_sp_fisher"` | α Σ_g √p_g (Σ_{j∈g} F_j (w_j − w0_j)²)^½ | 7 |
 
     Calling `regularize` again replaces the penalties (nothing is counted
-    twice) and keeps the starting point already attached unless
-    `starting_point` is given; `unregularize` removes them. A compiled
-    model's train and test functions are rebuilt so the next step uses the
-    new penalties.
+    twice) and keeps the starting point w0 already recorded for the model
+    unless `starting_point` is given: the first call's w0 stays the
+    reference through later calls, a switch of kind, and `unregularize`
+    (kept in memory while the model lives). The Fisher weights are kept the
+    same way: `l2_sp_fisher` -> `l2_sp` -> `l2_sp_fisher` finds F again.
+    `unregularize` removes the penalties. A compiled model's train and test
+    functions are rebuilt so the next step uses the new penalties.
 
     Args:
         model: a built `keras.Model`.
@@ -352,16 +323,24 @@ def regularize(
         alpha: non-negative float, the strength on the shared part.
         beta: non-negative float, the strength of L2 on the new layers.
         new_layers: layers (or layer names) of `model` that are new for the
-            target task, such as the new classifier.
-        starting_point: w0. `None` keeps the starting point a previous call
-            attached, and otherwise takes a frozen copy of the model's
-            current weights. A `keras.Model` (the pretrained model) or a
-            mapping `{variable.path: array}` gives it explicitly.
+            target task, such as the new classifier; they get `beta`, not
+            the -SP penalty. Omitting it (None) treats every layer as
+            pretrained and, for the -SP kinds, warns: a new, randomly
+            initialised head would be pulled toward its own initialisation.
+            Pass `new_layers=()` when the model has no new layer.
+        starting_point: w0. `None` keeps the starting point recorded by a
+            previous call on this model (attached, or remembered after
+            `unregularize` or a switch to `"l2"`), and otherwise takes a
+            frozen copy of the model's current weights. A `keras.Model`
+            (the pretrained model, or `model` itself to restart from its
+            current weights) or a mapping `{variable.path: array}` gives it
+            explicitly.
         fisher: for the Fisher kinds, `{variable.path: array}` as
             `keras_sp.fisher.diagonal_fisher` returns for the source model.
             Matched to the shared variables by path, also when the source
             model is nested in the target (a '/'-aligned path suffix).
-            `None` keeps a Fisher a previous call attached.
+            `None` keeps the Fisher a previous call was given (the raw F;
+            `fisher_clip` and `fisher_epsilon` apply anew).
         penalize: `"kernels"` (default, as the authors' code: convolution,
             depthwise and dense kernels only) or `"all"` (every trainable
             variable, biases and BatchNormalization gamma/beta included).
@@ -418,13 +397,25 @@ def regularize(
             f"`fisher` is only used by the kinds {list(FISHER_KINDS)}. "
             f"Received: kind={kind!r} with a fisher"
         )
-    _check_unique_paths(model)
-    new_layers = _resolve_new_layers(model, new_layers)
+    _paths.check_unique_paths(model)
+    if new_layers is None:
+        if kind != "l2":
+            warnings.warn(
+                f"regularize(kind={kind!r}) was called without `new_layers`: "
+                "every layer is treated as pretrained, so a new classifier "
+                "is pulled toward its random initialisation with `alpha`. "
+                "Pass the new layers (e.g. new_layers=['head']), or "
+                "new_layers=() if the model has none.",
+                UserWarning,
+                stacklevel=2,
+            )
+        new_layers = ()
+    new_layers = _selection.resolve_new_layers(model, new_layers)
 
     new_ids = set()
     for layer in new_layers:
-        new_ids.update(id(x) for x in _layers_in(layer))
-    selected = _penalized_variables(model, penalize)
+        new_ids.update(id(x) for x in _selection.layers_in(layer))
+    selected = _selection.penalized_variables(model, penalize)
     for layer, variable in selected:
         current = variable.regularizer
         if current is not None and not isinstance(current, _OURS):
@@ -442,45 +433,40 @@ def regularize(
             "to regularize."
         )
 
-    # The starting point and Fisher already attached are kept by default.
-    previous = {}
-    for _, variable, regularizer in attached_penalties(model):
-        if isinstance(regularizer, regularizers._StartingPointPenalty):
-            previous[variable.path] = (
-                regularizer.starting_point,
-                regularizer.fisher,
-            )
-    previous_l2 = _L2_REFERENCES.get(model, {})
+    # The starting point and Fisher recorded for the model are kept by
+    # default: the attached ones, then those remembered in memory.
+    _remember_attached(model)
+    memory = _memory(model)
+    previous_w0 = PathDict(memory.starting_point)
+    previous_fisher = PathDict(memory.fisher)
 
     references = None
     if starting_point is not None:
-        references = _as_mapping(starting_point, "starting_point")
+        references = _selection.as_mapping(starting_point, "starting_point")
     fisher_mapping = None
     if fisher is not None:
-        fisher_mapping = _as_mapping(fisher, "fisher")
+        fisher_mapping = _selection.as_mapping(fisher, "fisher")
 
     plan = []
     for layer, variable in shared:
         path = variable.path
         shape = tuple(variable.shape)
         if references is not None:
-            w0 = _lookup(references, path, "starting_point")
-            if w0 is _MISSING:
+            w0 = _paths.lookup(references, path, "starting_point")
+            if w0 is _paths.MISSING:
                 raise ValueError(
                     f"`starting_point` has no entry for variable '{path}'. "
                     f"Received: starting_point with {len(references)} "
                     "entries"
                 )
-            w0 = _to_numpy(w0)
+            w0 = _selection.to_numpy(w0)
             if w0.shape != shape:
                 raise ValueError(
                     f"`starting_point['{path}']` must have shape {shape}. "
                     f"Received: an array of shape {w0.shape}"
                 )
-        elif path in previous and previous[path][0] is not None:
-            w0 = previous[path][0]
-        elif path in previous_l2:
-            w0 = previous_l2[path]
+        elif path in previous_w0:
+            w0 = previous_w0[path]
         else:
             w0 = np.array(variable.numpy())
         if not np.all(np.isfinite(w0)):
@@ -491,16 +477,16 @@ def regularize(
         f = None
         if uses_fisher:
             if fisher_mapping is not None:
-                f = _lookup(fisher_mapping, path, "fisher")
-                if f is _MISSING:
+                f = _paths.lookup(fisher_mapping, path, "fisher")
+                if f is _paths.MISSING:
                     raise ValueError(
                         f"`fisher` has no entry for variable '{path}'. "
                         f"Received: fisher with {len(fisher_mapping)} "
                         f"entries, e.g. {sorted(fisher_mapping)[:3]}"
                     )
-                f = _to_numpy(f)
-            elif path in previous and previous[path][1] is not None:
-                f = previous[path][1]
+                f = _selection.to_numpy(f)
+            elif path in previous_fisher:
+                f = previous_fisher[path]
             else:
                 raise ValueError(
                     f"kind={kind!r} needs `fisher` (none is attached yet). "
@@ -521,29 +507,39 @@ def regularize(
                     f"`fisher['{path}']` must be non-negative. Received: an "
                     f"array with minimum {f.min()}"
                 )
-            if fisher_clip is not None:
-                f = np.minimum(f, fisher_clip)
-            f = f + fisher_epsilon
         plan.append((layer, variable, w0, f))
 
     # Everything is checked: now replace the penalties.
     _detach(model)
-    l2_references = {}
     for layer, variable, w0, f in plan:
+        memory.starting_point[variable.path] = w0
+        if f is not None:
+            memory.fisher[variable.path] = f
+            if fisher_clip is not None:
+                f = np.minimum(f, fisher_clip)
+            f = f + fisher_epsilon
         if kind == "l2":
             regularizer = regularizers.L2(alpha)
-            l2_references[variable.path] = w0
         elif kind in ("l2_sp", "l2_sp_fisher"):
             regularizer = regularizers.L2SP(alpha, w0, fisher=f)
         elif kind == "l1_sp":
             regularizer = regularizers.L1SP(alpha, w0)
         else:
             regularizer = regularizers.GroupLassoSP(
-                alpha, w0, fisher=f, group_axes=_group_axes(layer, variable)
+                alpha,
+                w0,
+                fisher=f,
+                group_axes=_selection.group_axes(layer, variable),
             )
         _attach(layer, variable, regularizer)
-    if l2_references:
-        _L2_REFERENCES[model] = l2_references
+    memory.settings = {
+        "kind": kind,
+        "alpha": alpha,
+        "beta": beta,
+        "penalize": penalize,
+        "fisher_epsilon": fisher_epsilon,
+        "fisher_clip": fisher_clip,
+    }
     if beta > 0:
         for layer, variable in new:
             _attach(layer, variable, regularizers.L2(beta))

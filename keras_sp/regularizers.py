@@ -201,10 +201,13 @@ class _StartingPointPenalty(
         if self._starting_point is None:
             raise ValueError(
                 f"This {type(self).__name__} has no starting point: it was "
-                "rebuilt from a config without its weights. Load the model "
-                "with `keras.saving.load_model` (or `model.load_weights`), "
-                "or attach the penalty again with `keras_sp.regularize(model, "
-                "..., starting_point=...)`."
+                "rebuilt from a config without its weights (as "
+                "`keras.models.clone_model` and `from_config` do; they copy "
+                "the architecture, not w0). Load the model with "
+                "`keras.saving.load_model` (or `model.load_weights`), or "
+                "attach the penalty to the copy again with "
+                "`keras_sp.regularize(copy, kind, alpha=..., new_layers=..., "
+                "starting_point=keras_sp.starting_point(original))`."
             )
         x = ops.convert_to_tensor(x)
         if tuple(x.shape) != tuple(self._starting_point.shape):

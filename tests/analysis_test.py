@@ -22,7 +22,7 @@ def test_weight_drift_is_the_euclidean_distance():
 
 def test_weight_drift_defaults_to_the_attached_starting_point():
     model = build_model()
-    keras_sp.regularize(model, "group_lasso_sp", alpha=0.1)
+    keras_sp.regularize(model, "group_lasso_sp", alpha=0.1, new_layers=())
     assert keras_sp.analysis.weight_drift(model)["distance"] == 0.0
 
 

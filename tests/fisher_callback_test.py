@@ -248,9 +248,13 @@ def test_bad_inputs(tmp_path):
         with pytest.raises(ValueError, match=message):
             FisherInformation(**kwargs)
     with pytest.raises(ValueError, match="source_model='target'"):
-        FisherInformation(fisher={}, source_model=build_target(), alpha=0.1)
+        FisherInformation(
+            fisher={}, source_model=build_target(), alpha=0.1, new_layers=()
+        )
     with pytest.raises(FileNotFoundError):
-        FisherInformation(fisher=tmp_path / "missing.npz", alpha=0.1)
+        FisherInformation(
+            fisher=tmp_path / "missing.npz", alpha=0.1, new_layers=()
+        )
     model = compiled(build_target())
     wrong = {"other/kernel": np.ones((6, 8), "float32")}
     with pytest.raises(
@@ -260,5 +264,7 @@ def test_bad_inputs(tmp_path):
             x,
             y,
             verbose=0,
-            callbacks=[FisherInformation(fisher=wrong, alpha=0.1)],
+            callbacks=[
+                FisherInformation(fisher=wrong, alpha=0.1, new_layers=())
+            ],
         )

@@ -155,7 +155,9 @@ def test_alpha_zero_and_starting_point_give_zero(kind):
 def test_zero_starting_point_makes_l2_sp_equal_l2():
     model = build_model()
     zeros = {v.path: np.zeros(v.shape) for v in model.weights}
-    keras_sp.regularize(model, "l2_sp", alpha=0.3, starting_point=zeros)
+    keras_sp.regularize(
+        model, "l2_sp", alpha=0.3, starting_point=zeros, new_layers=()
+    )
     with_zero_start = float(tf.add_n(model.losses))
     keras_sp.regularize(model, "l2", alpha=0.3)
     np.testing.assert_allclose(
@@ -200,7 +202,7 @@ def test_refuses_to_replace_a_regularizer_it_did_not_attach():
     fc = model.get_layer("backbone").get_layer("fc")
     fc.kernel.regularizer = keras.regularizers.L2(0.5)
     with pytest.raises(ValueError, match="fc/kernel.*did not attach"):
-        keras_sp.regularize(model, "l2_sp", alpha=0.1)
+        keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=())
 
 
 def test_starting_point_from_a_model_and_a_mapping():
@@ -220,7 +222,9 @@ def test_starting_point_from_a_model_and_a_mapping():
                 variable.numpy(),
             )
     mapping = {v.path: np.zeros(v.shape) for v in model.weights}
-    keras_sp.regularize(model, "l2_sp", alpha=0.1, starting_point=mapping)
+    keras_sp.regularize(
+        model, "l2_sp", alpha=0.1, starting_point=mapping, new_layers=()
+    )
     assert all(np.all(a == 0) for a in keras_sp.starting_point(model).values())
 
 
@@ -308,7 +312,7 @@ def test_new_layer_from_another_model():
 def test_unbuilt_model():
     model = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
-        keras_sp.regularize(model, "l2_sp", alpha=0.1)
+        keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=())
 
 
 @pytest.mark.parametrize(
@@ -328,9 +332,13 @@ def test_bad_starting_point(change, message):
     else:
         mapping[conv_path] = change(mapping[conv_path])
     with pytest.raises(ValueError, match=message):
-        keras_sp.regularize(model, "l2_sp", alpha=0.1, starting_point=mapping)
+        keras_sp.regularize(
+            model, "l2_sp", alpha=0.1, starting_point=mapping, new_layers=()
+        )
     with pytest.raises(ValueError, match="starting_point"):
-        keras_sp.regularize(model, "l2_sp", alpha=0.1, starting_point=[1, 2])
+        keras_sp.regularize(
+            model, "l2_sp", alpha=0.1, starting_point=[1, 2], new_layers=()
+        )
 
 
 @pytest.mark.parametrize(
@@ -352,7 +360,11 @@ def test_bad_fisher(change, message):
         fisher[conv_path] = change(fisher[conv_path])
     with pytest.raises(ValueError, match=message):
         keras_sp.regularize(
-            model, "group_lasso_sp_fisher", alpha=0.1, fisher=fisher
+            model,
+            "group_lasso_sp_fisher",
+            alpha=0.1,
+            fisher=fisher,
+            new_layers=(),
         )
     assert not penalties.attached_penalties(model)
 
@@ -360,9 +372,11 @@ def test_bad_fisher(change, message):
 def test_fisher_required_for_fisher_kinds_and_refused_otherwise():
     model = build_model()
     with pytest.raises(ValueError, match="needs `fisher`"):
-        keras_sp.regularize(model, "l2_sp_fisher", alpha=0.1)
+        keras_sp.regularize(model, "l2_sp_fisher", alpha=0.1, new_layers=())
     with pytest.raises(ValueError, match="Received: kind='l2_sp'"):
-        keras_sp.regularize(model, "l2_sp", alpha=0.1, fisher=fisher_for(model))
+        keras_sp.regularize(
+            model, "l2_sp", alpha=0.1, fisher=fisher_for(model), new_layers=()
+        )
 
 
 def test_several_variables_with_one_path():
@@ -376,7 +390,7 @@ def test_several_variables_with_one_path():
     model = keras.Model(inputs, branch("a")(inputs) + branch("b")(inputs))
     assert [v.path for v in model.weights][:2] == ["d/kernel", "d/bias"]
     with pytest.raises(ValueError, match="same path.*d/kernel"):
-        keras_sp.regularize(model, "l2_sp", alpha=0.1)
+        keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=())
 
 
 # Training, saving and resuming.
