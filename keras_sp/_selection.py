@@ -28,7 +28,7 @@ def as_mapping(value, argument):
 
 def to_numpy(value):
     if isinstance(value, keras.Variable):
-        return np.array(value.numpy())
+        return np.array(keras.ops.convert_to_numpy(value))
     return np.asarray(value)
 
 

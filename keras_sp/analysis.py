@@ -13,6 +13,7 @@ Reference:
 
 import math
 
+import keras
 import numpy as np
 
 from keras_sp import penalties
@@ -84,7 +85,7 @@ def _drift(variables, starting_point):
         if reference is None:
             continue
         reference = np.asarray(reference, dtype="float64")
-        value = np.asarray(variable.numpy(), dtype="float64")
+        value = keras.ops.convert_to_numpy(variable).astype("float64")
         if value.shape != reference.shape:
             raise ValueError(
                 f"`starting_point['{variable.path}']` must have shape "

@@ -468,7 +468,7 @@ def regularize(
         elif path in previous_w0:
             w0 = previous_w0[path]
         else:
-            w0 = np.array(variable.numpy())
+            w0 = _selection.to_numpy(variable)
         if not np.all(np.isfinite(w0)):
             raise ValueError(
                 f"`starting_point['{path}']` must be finite. Received: an "

@@ -81,6 +81,12 @@ def _check_array(name, value, *, non_negative=False, shape=None):
 
 
 def _constant_variable(value, name):
+    if value.dtype == np.float64:
+        # Not every backend holds float64 (JAX without x64): w0 and F are
+        # kept in the float type Keras computes in.
+        value = value.astype(keras.config.floatx())
+    # A copy: some backends (JAX on CPU) would share the caller's buffer.
+    value = np.array(value, copy=True)
     return keras.Variable(
         value, trainable=False, autocast=False, name=name, dtype=value.dtype
     )
@@ -187,14 +193,14 @@ class _StartingPointPenalty(
         """The starting point w0 as a NumPy array (None until restored)."""
         if self._starting_point is None:
             return None
-        return np.array(self._starting_point.numpy())
+        return np.array(ops.convert_to_numpy(self._starting_point))
 
     @property
     def fisher(self):
         """The Fisher weights F as a NumPy array, or None."""
         if self._fisher is None:
             return None
-        return np.array(self._fisher.numpy())
+        return np.array(ops.convert_to_numpy(self._fisher))
 
     def _difference(self, x):
         """Returns `(x, x - w0, F or None)` as tensors of x's dtype."""
@@ -368,7 +374,10 @@ class L1SP(_StartingPointPenalty):
 
     def __call__(self, x):
         x, difference, _ = self._difference(x)
-        return ops.cast(self.alpha, x.dtype) * ops.sum(ops.abs(difference))
+        # |d| as sign(d) * d with the sign held constant: the gradient is
+        # sign(d), 0 at d = 0 on every backend (JAX's |.| has 1 there).
+        absolute = ops.stop_gradient(ops.sign(difference)) * difference
+        return ops.cast(self.alpha, x.dtype) * ops.sum(absolute)
 
 
 @keras.saving.register_keras_serializable(package="keras_sp")

@@ -11,6 +11,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from backend import total
 
 import keras_sp
 from keras_sp import penalties
@@ -72,7 +73,7 @@ def eq4(model, w0, fisher, alpha):
 def penalty(model):
     """The keras-sp penalty on the shared part, as Keras computes it."""
     return sum(
-        float(keras.ops.convert_to_numpy(regularizer(variable)))
+        total([regularizer(variable)])
         for _, variable, regularizer in penalties.attached_penalties(model)
         if not variable.path.startswith("head")
     )
@@ -257,7 +258,7 @@ def test_fisher_information_with_the_same_settings_changes_nothing():
     )
     before = penalties.attached_penalties(model)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         fit_with(
             model,
             FisherInformation(fisher=fisher, alpha=0.1, new_layers=["head"]),
@@ -318,7 +319,7 @@ def test_a_clone_says_how_to_attach_its_starting_point_again():
         starting_point=keras_sp.starting_point(model),
     )
     np.testing.assert_allclose(
-        float(sum(clone.losses)), float(sum(model.losses)), rtol=1e-6
+        total(clone.losses), total(model.losses), rtol=1e-6
     )
 
 
@@ -437,7 +438,7 @@ def test_omitting_new_layers_warns_for_the_sp_kinds(kind):
 
 def test_new_layers_given_or_kind_l2_do_not_warn():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         keras_sp.regularize(build(), "l2", alpha=0.1)
         keras_sp.regularize(build(), "l2_sp", alpha=0.1, new_layers=())
         keras_sp.regularize(build(), "l2_sp", alpha=0.1, new_layers=["head"])
