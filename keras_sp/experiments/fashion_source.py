@@ -17,6 +17,7 @@ from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import atomic_write
+from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
 from keras_sp.pretrained import cache_directory
 
@@ -189,6 +190,7 @@ def _load_cached(path, info_path):
             remedy,
         ) from error
     try:
+        check_archive(path)
         model = keras.saving.load_model(path)
     except READ_ERRORS as error:
         raise CorruptFileError(

@@ -24,6 +24,7 @@ from keras_sp import fisher
 from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import atomic_write
+from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
 
 __all__ = [
@@ -108,6 +109,7 @@ def load_fisher(path):
             information is computed again (chained from the original error).
     """
     try:
+        check_archive(path)
         return fisher.load(path)
     except FileNotFoundError:
         raise
@@ -121,6 +123,7 @@ def load_fisher(path):
 
 def _read_data(path):
     try:
+        check_archive(path)
         with np.load(path, allow_pickle=False) as archive:
             names = sorted(archive.files) if hasattr(archive, "files") else []
             x = archive["x"] if "x" in names else None

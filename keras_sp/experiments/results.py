@@ -21,6 +21,7 @@ __all__ = [
     "CorruptFileError",
     "ResultsFile",
     "atomic_write",
+    "check_archive",
     "write_text",
 ]
 
@@ -130,6 +131,21 @@ def atomic_write(path):
                 "the file, if any, is unchanged."
             ) from error
         raise
+
+
+def check_archive(path):
+    """Raises unless `path` is a whole zip archive (`.npz`, `.keras`).
+
+    Reads every entry and checks its CRC, so a truncated or damaged file
+    is found before NumPy or Keras read it (NumPy leaves such a file open).
+
+    Raises:
+        zipfile.BadZipFile: for a file that is not a whole zip archive.
+    """
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise zipfile.BadZipFile(f"entry {damaged!r} is damaged")
 
 
 def write_text(path, text):

@@ -44,6 +44,7 @@ from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import atomic_write
+from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
 
 __all__ = [
@@ -423,6 +424,7 @@ def _base_network(config, data, out, half, repeat, results, log):
                 f"{path!r} is missing; move the results away to start over."
             )
         try:
+            check_archive(path)
             with np.load(path) as stored:
                 for variable in model.weights:
                     variable.assign(stored[variable.path])
