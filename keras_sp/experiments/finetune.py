@@ -28,7 +28,10 @@ Runs of the same repeat index share their seed (new head's initialization,
 batch order, augmentation) across kinds: the comparisons are matched. Every
 run records the relative drift ||w - w0|| / ||w0|| of the backbone's kernels.
 Every finished run is appended to `DIR/results.json`, so a rerun resumes;
-a rerun with more `repeats` or another freezing sweep adds runs to it.
+a rerun with more `repeats` or another freezing sweep adds runs to it. It
+and the Fisher files kept in `DIR` are written atomically (see
+`keras_sp.experiments.results`). `--config` takes a file or the name of a
+shipped config whose `"command"` is `"finetune"` (see `config_path`).
 
 A config names:
 
