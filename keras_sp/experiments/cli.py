@@ -5,11 +5,12 @@ subcommand (with `--help`, and `--out DIR` for its results) and sets
 `run=function(args)` as the parser default; long work shows a progress bar.
 `keras-sp` alone prints the usage and exits with code 2; `keras-sp
 --version` prints the version. Bad input (`ValueError`, including
-`ConfigError`, or an `OSError` such as a missing file) ends with a one-line
-error and exit code 2, an interruption (Ctrl-C) with exit code 130;
-`--debug` shows the traceback instead, and TensorFlow's warnings. The
-console script starts in `keras_sp_cli`, which keeps TensorFlow's start-up
-log out of the output.
+`ConfigError` and `CorruptFileError` for a damaged file read back, or an
+`OSError` such as a missing file or a failed write, which names the file)
+ends with a one-line error and exit code 2, an interruption (Ctrl-C) with
+exit code 130; `--debug` shows the traceback instead, and TensorFlow's
+warnings. The console script starts in `keras_sp_cli`, which keeps
+TensorFlow's start-up log out of the output.
 """
 
 import argparse

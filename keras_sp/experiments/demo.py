@@ -38,8 +38,10 @@ from keras_sp.datasets import few_shot
 from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
+from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.results import ResultsFile
+from keras_sp.experiments.results import write_text
 
 __all__ = [
     "DemoConfig",
@@ -70,6 +72,10 @@ class DemoConfig:
         source_width: filters of the source CNN's first convolution; its
             head reads the pooled features, as a ResNet's classifier does.
     """
+
+    # The `keras-sp` subcommand of these configs (see
+    # `keras_sp.experiments.config`).
+    COMMAND = "demo"
 
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     per_class: int = 30
@@ -347,8 +353,7 @@ def run_demo(config, out, verbose=1):
         source_accuracy,
         test_images=(len(y_target_test), len(y_source_test)),
     )
-    with open(os.path.join(out, "table.md"), "w") as handle:
-        handle.write(table)
+    write_text(os.path.join(out, "table.md"), table)
     log("")
     log(table)
     log(f"Written to {out}/ in {time.time() - started:.0f} s.")
@@ -403,7 +408,9 @@ def add_parser(subparsers):
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument(
-        "--config", help="JSON file changing DemoConfig's defaults"
+        "--config",
+        help="JSON file changing DemoConfig's defaults (a config of another "
+        "subcommand is refused)",
     )
     parser.add_argument(
         "--out", default="results/demo", help="output folder (resumable)"
@@ -422,5 +429,6 @@ def _run(args):
     overrides = {"iterations": args.iterations}
     if args.seeds is not None:
         overrides["seeds"] = list(range(args.seeds))
-    config = load_config(args.config, DemoConfig, **overrides)
+    path = config_path(args.config, DemoConfig.COMMAND)
+    config = load_config(path, DemoConfig, **overrides)
     run_demo(config, args.out)

@@ -14,6 +14,11 @@ import keras
 import numpy as np
 
 from keras_sp.datasets import load_fashion_mnist
+from keras_sp.experiments.results import READ_ERRORS
+from keras_sp.experiments.results import CorruptFileError
+from keras_sp.experiments.results import atomic_write
+from keras_sp.experiments.results import check_archive
+from keras_sp.experiments.results import write_text
 from keras_sp.pretrained import cache_directory
 
 __all__ = [
@@ -93,8 +98,14 @@ def pretrained_source_model(
     """The small CNN trained on Fashion-MNIST classes 0-4 (cached on disk).
 
     The first call trains it (about a minute on two CPU cores) and saves it
-    under `cache_directory()`; later calls load it. The source head is the
-    layer named "source_head".
+    under `cache_directory()`: the model (`fashion_source_<hash>.keras`),
+    then its metadata (`fashion_source_<hash>.json`, written last: the
+    cache is used only when both exist). Both are written atomically
+    (`keras_sp.experiments.results.atomic_write`), so an interrupted save
+    leaves no partial file. Later calls load them; a cached file that
+    cannot be read (truncated, damaged) raises `CorruptFileError` naming it,
+    and deleting the two files trains the model again. The source head is
+    the layer named "source_head".
 
     Args:
         epochs: training epochs over the 30,000 source images.
@@ -124,9 +135,7 @@ def pretrained_source_model(
     path = os.path.join(cache_directory(), f"fashion_source_{digest}.keras")
     info_path = path.replace(".keras", ".json")
     if cache and os.path.exists(path) and os.path.exists(info_path):
-        with open(info_path) as handle:
-            info = json.load(handle)
-        return keras.saving.load_model(path), info["source_test_accuracy"]
+        return _load_cached(path, info_path)
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     x_train, y_train = select_classes(x_train, y_train, SOURCE_CLASSES)
     x_test, y_test = select_classes(x_test, y_test, SOURCE_CLASSES)
@@ -156,8 +165,37 @@ def pretrained_source_model(
         x_test.astype("float32"), y_test, batch_size=512, verbose=0
     )
     if cache:
-        os.makedirs(cache_directory(), exist_ok=True)
-        model.save(path)
-        with open(info_path, "w") as handle:
-            json.dump({"source_test_accuracy": accuracy, **settings}, handle)
+        with atomic_write(path) as temporary:
+            model.save(temporary)
+        write_text(
+            info_path,
+            json.dumps({"source_test_accuracy": accuracy, **settings}),
+        )
     return model, float(accuracy)
+
+
+def _load_cached(path, info_path):
+    """`(model, source accuracy)` from the cache files, or CorruptFileError."""
+    remedy = (
+        f"Delete {path!r} and {info_path!r} to train the source model again."
+    )
+    try:
+        with open(info_path) as handle:
+            accuracy = float(json.load(handle)["source_test_accuracy"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptFileError(
+            info_path,
+            f"it is not the source model's metadata ({error!r}), perhaps "
+            "truncated",
+            remedy,
+        ) from error
+    try:
+        check_archive(path)
+        model = keras.saving.load_model(path)
+    except READ_ERRORS as error:
+        raise CorruptFileError(
+            path,
+            f"it is not a readable Keras model ({error!r}), perhaps truncated",
+            remedy,
+        ) from error
+    return model, accuracy

@@ -28,7 +28,10 @@ Runs of the same repeat index share their seed (new head's initialization,
 batch order, augmentation) across kinds: the comparisons are matched. Every
 run records the relative drift ||w - w0|| / ||w0|| of the backbone's kernels.
 Every finished run is appended to `DIR/results.json`, so a rerun resumes;
-a rerun with more `repeats` or another freezing sweep adds runs to it.
+a rerun with more `repeats` or another freezing sweep adds runs to it. It
+and the Fisher files kept in `DIR` are written atomically (see
+`keras_sp.experiments.results`). `--config` takes a file or the name of a
+shipped config whose `"command"` is `"finetune"` (see `config_path`).
 
 A config names:
 
@@ -76,11 +79,15 @@ from keras_sp.datasets import load_places365
 from keras_sp.datasets import load_stanford_dogs
 from keras_sp.datasets import paper_preprocessing
 from keras_sp.datasets.preprocessing import three_channels
+from keras_sp.experiments import config as experiment_config
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.fisher import load_fisher
+from keras_sp.experiments.fisher import save_fisher
 from keras_sp.experiments.results import ResultsFile
+from keras_sp.experiments.results import write_text
 from keras_sp.penalties import FISHER_KINDS
 from keras_sp.penalties import KERNEL_NAMES
 from keras_sp.penalties import KINDS
@@ -104,9 +111,6 @@ FISHER_SCALES = ("raw", "mean")
 FISHER_MODES = ("exact", "sampled", "empirical")
 CONVERTED_WEIGHTS = "imagenet_converted"
 FASHION_SOURCE = "fashion_source"
-CONFIG_DIRECTORY = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "configs"
-)
 # The paper resizes to 256 and crops 224: the crop keeps 224/256 of a side.
 _CROP_RATIO = 256 / 224
 _NAMES = {
@@ -225,6 +229,10 @@ class FinetuneConfig:
         r2_examples: training images the activations are compared on.
         significance: level of the paired test (the paper: 5%).
     """
+
+    # The `keras-sp` subcommand of these configs (see
+    # `keras_sp.experiments.config`).
+    COMMAND = "finetune"
 
     title: str = ""
     backbone: str = "ResNet101"
@@ -558,37 +566,27 @@ def _is_model_file(name):
 
 
 def config_path(name):
-    """A config file: `name` itself, or a config shipped with keras-sp.
+    """A config file: `name` itself, or a finetune config shipped with keras-sp.
 
     Args:
         name: a path to a JSON file, or the name of a file of
-            `keras_sp/configs/` with or without `.json`
-            (e.g. `"caltech256_30"`).
+            `keras_sp/configs/` whose `"command"` is `"finetune"`, with or
+            without `.json` (e.g. `"caltech256_30"`).
 
     Returns:
         The path of the file.
+
+    Raises:
+        ConfigError: for a shipped config of another subcommand (such as
+            `transferability_fashion_mnist`), naming it, or for a name that
+            is neither a file nor a finetune config.
 
     Example:
 
     >>> os.path.basename(config_path("caltech256_30"))
     'caltech256_30.json'
     """
-    if os.path.exists(name):
-        return name
-    shipped = os.path.join(
-        CONFIG_DIRECTORY, name if name.endswith(".json") else name + ".json"
-    )
-    if os.path.exists(shipped):
-        return shipped
-    available = sorted(
-        file[:-5]
-        for file in os.listdir(CONFIG_DIRECTORY)
-        if file.endswith(".json")
-    )
-    raise ConfigError(
-        f"Config file {name!r} does not exist and is not one of keras-sp's "
-        f"configs {available}. Received: config={name!r}"
-    )
+    return experiment_config.config_path(name, FinetuneConfig.COMMAND)
 
 
 # The pretrained model.
@@ -1059,7 +1057,7 @@ class _Experiment:
             return self._fishers[name]
         path = os.path.join(self.out, name)
         if os.path.exists(path):
-            fisher = keras_sp.fisher.load(path)
+            fisher = load_fisher(path)
         else:
             if config.fisher_data == "source":
                 x, y = _source_images(
@@ -1085,8 +1083,7 @@ class _Experiment:
                 seed=config.seed,
             )
             fisher = _backbone_entries(full, self.pretrained.backbone)
-            os.makedirs(self.out, exist_ok=True)
-            keras_sp.fisher.save(fisher, path)
+            save_fisher(fisher, path)
         if config.fisher_scale == "mean":
             mean = np.mean(np.concatenate([f.ravel() for f in fisher.values()]))
             fisher = {path: f / mean for path, f in fisher.items()}
@@ -1859,8 +1856,7 @@ def write_report(config, out, runs):
     report = {}
 
     def write(name, text):
-        with open(os.path.join(out, name), "w") as handle:
-            handle.write(text)
+        write_text(os.path.join(out, name), text)
         report[name] = text
 
     table2, comparisons = _table2(config, runs, chosen, slugs)
@@ -1981,8 +1977,9 @@ def add_parser(subparsers):
     parser.add_argument(
         "--config",
         required=True,
-        help="a JSON config file, or the name of one of keras-sp's configs "
-        "(e.g. caltech256_30)",
+        help="a JSON config file, or the name of one of keras-sp's finetune "
+        'configs (the shipped configs whose "command" is "finetune"): '
+        + ", ".join(experiment_config.shipped_configs(FinetuneConfig.COMMAND)),
     )
     parser.add_argument(
         "--out", default="results/finetune", help="output folder (resumable)"

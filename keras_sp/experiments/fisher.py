@@ -8,6 +8,9 @@ reads a Keras model (`.keras`) and a `.npz` file holding the inputs `x`
 per trainable variable, keyed by `variable.path`, for
 `keras_sp.fisher.load` or `FisherInformation(fisher=...)`) and
 `DIR/fisher.json` (the settings, the number of examples and the time).
+Both are written atomically (`keras_sp.experiments.results.atomic_write`):
+an interrupted run leaves a previous `fisher.npz` whole, and a failed write
+is an error naming the file.
 """
 
 import json
@@ -18,10 +21,17 @@ import keras
 import numpy as np
 
 from keras_sp import fisher
+from keras_sp.experiments.results import READ_ERRORS
+from keras_sp.experiments.results import CorruptFileError
+from keras_sp.experiments.results import atomic_write
+from keras_sp.experiments.results import check_archive
+from keras_sp.experiments.results import write_text
 
 __all__ = [
     "add_parser",
+    "load_fisher",
     "run",
+    "save_fisher",
 ]
 
 FROM_LOGITS = {"auto": None, "true": True, "false": False}
@@ -75,16 +85,61 @@ def add_parser(subparsers):
     parser.set_defaults(run=run)
 
 
+def save_fisher(values, path):
+    """Writes a Fisher information file atomically (`keras_sp.fisher.save`).
+
+    The file appears whole or not at all: an interrupted write leaves the
+    previous file at `path` unchanged and raises an `OSError` naming
+    `path`. The file's permissions are those of a file made by `open()`.
+
+    Args:
+        values: `{variable.path: array}`.
+        path: a `.npz` file.
+    """
+    with atomic_write(path) as temporary:
+        fisher.save(values, temporary)
+
+
+def load_fisher(path):
+    """Reads a Fisher information file written by `save_fisher`.
+
+    Raises:
+        CorruptFileError: if the file is truncated or not a Fisher file,
+            naming it and suggesting to delete it so that the Fisher
+            information is computed again (chained from the original error).
+    """
+    try:
+        check_archive(path)
+        return fisher.load(path)
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as error:
+        raise CorruptFileError(
+            path,
+            f"it is not a readable Fisher file ({error}), perhaps truncated",
+            "Delete it to compute the Fisher information again.",
+        ) from error
+
+
 def _read_data(path):
-    with np.load(path, allow_pickle=False) as archive:
-        names = sorted(archive.files) if hasattr(archive, "files") else []
-        if "x" not in names:
-            raise ValueError(
-                "`--data` must be a .npz file with an array named 'x' (and "
-                f"optionally 'y'). Received: arrays {names} in {path!r}"
-            )
-        x = archive["x"]
-        y = archive["y"] if "y" in names else None
+    try:
+        check_archive(path)
+        with np.load(path, allow_pickle=False) as archive:
+            names = sorted(archive.files) if hasattr(archive, "files") else []
+            x = archive["x"] if "x" in names else None
+            y = archive["y"] if "y" in names else None
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as error:
+        raise ValueError(
+            f"`--data` is not a readable .npz file ({error}). Received: "
+            f"--data={path!r}"
+        ) from error
+    if x is None:
+        raise ValueError(
+            "`--data` must be a .npz file with an array named 'x' (and "
+            f"optionally 'y'). Received: arrays {names} in {path!r}"
+        )
     return x, y
 
 
@@ -111,8 +166,7 @@ def run(args):
         verbose=0 if args.quiet else 1,
     )
     seconds = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
-    fisher.save(result, target)
+    save_fisher(result, target)
     examples = (
         len(x) if args.max_examples is None else min(len(x), args.max_examples)
     )
@@ -130,8 +184,9 @@ def run(args):
         "seconds": round(seconds, 3),
         "keras": keras.__version__,
     }
-    with open(os.path.join(args.out, "fisher.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    write_text(
+        os.path.join(args.out, "fisher.json"), json.dumps(summary, indent=2)
+    )
     if not args.quiet:
         print(
             f"Wrote {target}: {args.mode} Fisher of {len(result)} variables "

@@ -38,8 +38,10 @@ from keras_sp.datasets import few_shot
 from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments.config import ConfigError
+from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.results import ResultsFile
+from keras_sp.experiments.results import write_text
 
 __all__ = [
     "METHODS",
@@ -83,6 +85,10 @@ class GrowConfig:
     `fashion_source.pretrained_source_model(epochs=source_epochs,
     seed=source_seed)`.
     """
+
+    # The `keras-sp` subcommand of these configs (see
+    # `keras_sp.experiments.config`).
+    COMMAND = "grow"
 
     methods: list[str] = dataclasses.field(
         default_factory=lambda: [
@@ -371,14 +377,14 @@ def run_grow(config, out, verbose=1):
         results.append(record)
         progress.add(1)
     table = summarize(results.runs, config)
-    with open(os.path.join(out, "results.md"), "w") as handle:
-        handle.write(table)
+    write_text(os.path.join(out, "results.md"), table)
     return table
 
 
 def run(args):
     """The `keras-sp grow` command."""
-    config = load_config(args.config, GrowConfig)
+    path = config_path(args.config, GrowConfig.COMMAND)
+    config = load_config(path, GrowConfig)
     table = run_grow(config, args.out, verbose=0 if args.quiet else 1)
     if not args.quiet:
         print(table)
@@ -394,8 +400,9 @@ def add_parser(subparsers):
     )
     parser.add_argument(
         "--config",
-        help="JSON config (keys of keras_sp.experiments.grow.GrowConfig); "
-        "default: the CPU-scale Fashion-MNIST setting",
+        help="JSON config (keys of keras_sp.experiments.grow.GrowConfig; a "
+        "config of another subcommand is refused); default: the CPU-scale "
+        "Fashion-MNIST setting",
     )
     parser.add_argument(
         "--out",

@@ -11,9 +11,11 @@ are drawn from that file.
 
 The default config (no file) runs on this machine: Fashion-MNIST split 5/5,
 an 8-weight-layer CNN (5 convolutions + 3 dense layers, AlexNet's count),
-28 px. `keras_sp/configs/transferability_imagenet.json` runs the paper's
+28 px. `keras-sp transferability --config transferability_imagenet`
+(`keras_sp/configs/transferability_imagenet.json`) runs the paper's
 ImageNet 500/500 protocol with AlexNet-sized networks through
-tensorflow-datasets, on a GPU.
+tensorflow-datasets, on a GPU. Files are written atomically, so an
+interrupted write leaves the previous file whole.
 
 Reference:
     Yosinski, Clune, Bengio, Lipson. "How transferable are features in deep
@@ -33,9 +35,17 @@ from keras_sp import units
 from keras_sp.datasets import class_split
 from keras_sp.datasets import few_shot
 from keras_sp.datasets import load_fashion_mnist
+from keras_sp.experiments.config import CONFIG_DIRECTORY
 from keras_sp.experiments.config import ConfigError
+from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.config import shipped_configs
+from keras_sp.experiments.results import READ_ERRORS
+from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import ResultsFile
+from keras_sp.experiments.results import atomic_write
+from keras_sp.experiments.results import check_archive
+from keras_sp.experiments.results import write_text
 
 __all__ = [
     "KINDS",
@@ -48,14 +58,11 @@ __all__ = [
 ]
 
 KINDS = ("BnB", "BnB+", "AnB", "AnB+")
-_CONFIG_DIRECTORY = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
-)
 
 
 def default_config_path(name="fashion_mnist"):
     """The path of a config shipped in `keras_sp/configs/`."""
-    return os.path.join(_CONFIG_DIRECTORY, f"transferability_{name}.json")
+    return os.path.join(CONFIG_DIRECTORY, f"transferability_{name}.json")
 
 
 @dataclasses.dataclass
@@ -83,6 +90,8 @@ class TransferabilityConfig:
     the whole experiment (new bases and transfer networks) with seeds
     `seed`, `seed + 1`, ... on the same data.
     """
+
+    COMMAND = "transferability"
 
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
@@ -414,16 +423,26 @@ def _base_network(config, data, out, half, repeat, results, log):
                 f"{results.path} records run {key!r} but its weights file "
                 f"{path!r} is missing; move the results away to start over."
             )
-        with np.load(path) as stored:
-            for variable in model.weights:
-                variable.assign(stored[variable.path])
+        try:
+            check_archive(path)
+            with np.load(path) as stored:
+                for variable in model.weights:
+                    variable.assign(stored[variable.path])
+        except READ_ERRORS as error:
+            raise CorruptFileError(
+                path,
+                f"it does not hold the weights of {key} ({error!r}), perhaps "
+                "truncated",
+                f"Move {results.path!r} away (or use another output folder) "
+                "to start over.",
+            ) from error
         return model, 0
     start = time.time()
     accuracy = _train(
         config, data, half, model, 1000 * seed + 2 + (half == "B")
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, **{v.path: v.numpy() for v in model.weights})
+    with atomic_write(path) as temporary:
+        np.savez(temporary, **{v.path: v.numpy() for v in model.weights})
     results.append(
         {
             "key": key,
@@ -540,8 +559,7 @@ def run(
     runs = results.runs
     summary = summarize(runs)
     table = os.path.join(out, "table.md")
-    with open(table, "w") as handle:
-        handle.write(_markdown_table(summary, config))
+    write_text(table, _markdown_table(summary, config))
     figure = os.path.join(out, "transferability.png")
     plots.plot_transferability(runs, figure, depth=config.depth)
     return {
@@ -626,7 +644,9 @@ def add_parser(subparsers):
     parser.add_argument(
         "--config",
         default=None,
-        help="JSON config (default: the Fashion-MNIST config)",
+        help="a JSON config file or a shipped transferability config: "
+        + ", ".join(shipped_configs(TransferabilityConfig.COMMAND))
+        + " (default: transferability_fashion_mnist)",
     )
     parser.add_argument(
         "--out",
@@ -637,6 +657,7 @@ def add_parser(subparsers):
 
 
 def _command(args):
-    config = load_config(args.config, TransferabilityConfig)
+    path = config_path(args.config, TransferabilityConfig.COMMAND)
+    config = load_config(path, TransferabilityConfig)
     result = run(config, args.out, log=lambda line: None, progress=True)
     print(json.dumps({"table": result["table"], "figure": result["figure"]}))
