@@ -131,10 +131,15 @@ def fine_tune(
 
 
 def _with_guard(callbacks):
-    """`callbacks` with a `StopOnNonFinite` at the end unless it has one."""
+    """`callbacks` with a `StopOnNonFinite` at the end unless it has one.
+
+    The loss is checked every step; the weights are copied every 100 steps
+    only, which keeps the cost low for the full-size networks (the run
+    raises anyway, and its weights are not used).
+    """
     callbacks = list(callbacks)
     if not any(isinstance(c, StopOnNonFinite) for c in callbacks):
-        callbacks.append(StopOnNonFinite())
+        callbacks.append(StopOnNonFinite(snapshot_every=100))
     return callbacks
 
 
