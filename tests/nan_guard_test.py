@@ -7,16 +7,19 @@ the penalties (eqs. 1-3): `alpha/2 ||w - w0||^2 + beta/2 ||w_new||^2`.
 """
 
 import itertools
-import json
 import os
 
 import keras
 import numpy as np
 import pytest
+from demo_test import tiny_fashion
 
 import keras_sp
 from keras_sp.callbacks import StopOnNonFinite
+from keras_sp.experiments import demo
+from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
+from keras_sp.experiments.config import load_config
 
 FLOAT32_MAX = float(np.finfo("float32").max)
 
@@ -315,13 +318,7 @@ def test_fine_tune_guards_by_default(tmp_path):
 
 def test_demo_runner_raises_and_writes_no_nan(monkeypatch, tmp_path):
     """`keras-sp demo` with a learning rate that diverges: the error names
-    the step, and whatever results.json holds is finite."""
-    from demo_test import tiny_fashion
-
-    from keras_sp.experiments import demo
-    from keras_sp.experiments import fashion_source
-    from keras_sp.experiments.config import load_config
-
+    the step, and no NaN result is written."""
     source = fashion_source.build_small_cnn(
         5, width=4, fc_units=None, head_name="source_head"
     )
@@ -346,9 +343,5 @@ def test_demo_runner_raises_and_writes_no_nan(monkeypatch, tmp_path):
     out = str(tmp_path / "demo")
     with pytest.raises(FloatingPointError, match=r"at epoch 0, batch \d"):
         demo.run_demo(config, out, verbose=0)
-    path = os.path.join(out, "results.json")
-    if os.path.exists(path):
-        with open(path) as handle:
-            text = handle.read()
-        assert "NaN" not in text and "Infinity" not in text
-        json.loads(text)
+    # The first run diverged: no run finished, so no results were written.
+    assert not os.path.exists(os.path.join(out, "results.json"))
