@@ -78,7 +78,7 @@ def main(argv=None):
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         result = args.run(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         if args.debug:
             raise
         message = str(error).splitlines()[0] if str(error) else repr(error)

@@ -13,6 +13,7 @@ import os
 import keras
 import numpy as np
 
+from keras_sp.callbacks import StopOnNonFinite
 from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
@@ -160,6 +161,7 @@ def pretrained_source_model(
         batch_size=batch_size,
         epochs=epochs,
         verbose=verbose,
+        callbacks=[StopOnNonFinite()],
     )
     _, accuracy = model.evaluate(
         x_test.astype("float32"), y_test, batch_size=512, verbose=0

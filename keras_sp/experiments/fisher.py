@@ -72,7 +72,13 @@ def add_parser(subparsers):
     parser.add_argument(
         "--max-examples", type=int, help="use at most this many examples"
     )
-    parser.add_argument("--seed", type=int, help="seed of the sampled labels")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the sampled labels (default 0: reruns give the same "
+        "Fisher)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--overwrite",

@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from keras_sp import surgery
+from keras_sp.callbacks import StopOnNonFinite
 from keras_sp.datasets import few_shot
 from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments import fashion_source
@@ -226,6 +227,7 @@ def _run_one(source, data, method, per_class, seed, config):
         epochs=1,
         shuffle=False,
         verbose=0,
+        callbacks=[StopOnNonFinite()],
     )
     seconds = time.time() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sp import analysis
+from keras_sp.callbacks import StopOnNonFinite
 
 __all__ = [
     "StepDecayWithWarmup",
@@ -99,7 +100,9 @@ def fine_tune(
             two thirds of `iterations`, as 6000 of 9000).
         warmup_iterations: steps of linear learning-rate warm-up (0: none,
             as in the paper).
-        callbacks: Keras callbacks for `fit`.
+        callbacks: Keras callbacks for `fit`. A
+            `keras_sp.callbacks.StopOnNonFinite` is added unless one is
+            given: a NaN or infinite loss raises `FloatingPointError`.
         verbose: Keras verbosity.
         run_eagerly: run the train steps eagerly instead of tracing a graph
             (much faster for a few steps of a large model, e.g. dry runs).
@@ -122,9 +125,22 @@ def fine_tune(
         steps_per_epoch=int(iterations),
         epochs=1,
         shuffle=False,  # the dataset is already shuffled
-        callbacks=list(callbacks),
+        callbacks=_with_guard(callbacks),
         verbose=verbose,
     )
+
+
+def _with_guard(callbacks):
+    """`callbacks` with a `StopOnNonFinite` at the end unless it has one.
+
+    The loss is checked every step; the weights are copied every 100 steps
+    only, which keeps the cost low for the full-size networks (the run
+    raises anyway, and its weights are not used).
+    """
+    callbacks = list(callbacks)
+    if not any(isinstance(c, StopOnNonFinite) for c in callbacks):
+        callbacks.append(StopOnNonFinite(snapshot_every=100))
+    return callbacks
 
 
 def accuracy(model, x, y, batch_size=512):

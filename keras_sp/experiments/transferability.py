@@ -32,6 +32,7 @@ import numpy as np
 
 from keras_sp import plots
 from keras_sp import units
+from keras_sp.callbacks import StopOnNonFinite
 from keras_sp.datasets import class_split
 from keras_sp.datasets import few_shot
 from keras_sp.datasets import load_fashion_mnist
@@ -398,12 +399,19 @@ def _train(config, data, half, model, seed):
             batch_size=config.batch_size,
             epochs=config.epochs,
             verbose=0,
+            callbacks=[StopOnNonFinite()],
         )
         _, accuracy = model.evaluate(
             test[0], test[1], batch_size=512, verbose=0
         )
     else:
-        model.fit(train, epochs=config.epochs, verbose=0, shuffle=False)
+        model.fit(
+            train,
+            epochs=config.epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=[StopOnNonFinite()],
+        )
         _, accuracy = model.evaluate(test, verbose=0)
     return float(accuracy)
 
