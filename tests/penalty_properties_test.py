@@ -36,7 +36,6 @@ EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23}
 # The smallest positive number, the spacing of results next to 0.
 TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149}
 KINDS = penalties.KINDS
-SP_KINDS = tuple(kind for kind in KINDS if kind != "l2")
 FISHER_KINDS = ("l2_sp_fisher", "group_lasso_sp_fisher")
 PROPERTY = settings(
     max_examples=60, deadline=None, derandomize=True, database=None
@@ -190,10 +189,11 @@ def _penalty(case, alpha=None, fisher="case"):
     )
 
 
-def _reference(case, w=None, alpha=None):
+def _reference(case, w=None):
+    """Eqs. 1-7 in float64 at `w` (default: the case's w)."""
     return penalty_reference.shared_penalty(
         case["kind"],
-        case["alpha"] if alpha is None else alpha,
+        case["alpha"],
         case["w"] if w is None else w,
         case["w0"],
         case["fisher"],
