@@ -9,6 +9,10 @@ variables of the regularizer. They are saved with the model's weights (in a
 `.keras` or `.weights.h5` file, under the layer that holds the regularizer)
 and never in `get_config()`, which holds plain JSON values only.
 
+Weights in float16 or bfloat16 are penalized in float32 arithmetic (float16
+would square small differences w - w0 to 0) and the penalty is returned in
+the weights' dtype; a bfloat16 starting point is held in float32.
+
 Reference:
     Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer Learning
     with Convolutional Networks". ICML 2018 (arXiv:1802.01483).
@@ -53,8 +57,25 @@ def check_coefficient(name, value):
     return value
 
 
+def _is_extension_float(dtype):
+    """Whether `dtype` is a float NumPy does not classify as a number: the
+    bfloat16 (and float8) types of `ml_dtypes`, which Keras returns for the
+    variables of a bfloat16 model."""
+    if dtype.kind != "V" or dtype.names is not None:
+        return False
+    try:
+        return keras.backend.is_float_dtype(
+            keras.backend.standardize_dtype(dtype)
+        )
+    except ValueError:
+        return False
+
+
 def _check_array(name, value, *, non_negative=False, shape=None):
     array = np.asarray(value)
+    if _is_extension_float(array.dtype):
+        # float32 holds every bfloat16 (and float8) value exactly.
+        array = array.astype("float32")
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise ValueError(
             f"`{name}` must be a real array. Received: {name} of dtype "
@@ -78,6 +99,19 @@ def _check_array(name, value, *, non_negative=False, shape=None):
     if not np.issubdtype(array.dtype, np.floating):
         array = array.astype("float32")
     return array
+
+
+def _computation_dtype(dtype):
+    """The dtype a penalty is computed in for weights of `dtype`.
+
+    16-bit floats are widened to float32: float16 squares a difference
+    w - w0 below 2^-12 to 0 (and rounds GROUP_LASSO_EPSILON to 0, which makes
+    the group-lasso gradient at w0 NaN), and both lose precision when
+    summing many terms. The penalty is returned in the weights' dtype.
+    """
+    if keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16"):
+        return "float32"
+    return dtype
 
 
 def _constant_variable(value, name):
@@ -120,7 +154,11 @@ class L2(keras.regularizers.Regularizer):
 
     def __call__(self, x):
         x = ops.convert_to_tensor(x)
-        return ops.cast(self.alpha / 2, x.dtype) * ops.sum(ops.square(x))
+        dtype = _computation_dtype(x.dtype)
+        value = ops.cast(self.alpha / 2, dtype) * ops.sum(
+            ops.square(ops.cast(x, dtype))
+        )
+        return ops.cast(value, x.dtype)
 
     def get_config(self):
         return {"alpha": self.alpha}
@@ -203,7 +241,8 @@ class _StartingPointPenalty(
         return np.array(ops.convert_to_numpy(self._fisher))
 
     def _difference(self, x):
-        """Returns `(x, x - w0, F or None)` as tensors of x's dtype."""
+        """Returns `(x, x - w0, F or None)`: x as a tensor, the others in
+        the dtype the penalty is computed in (`_computation_dtype`)."""
         if self._starting_point is None:
             raise ValueError(
                 f"This {type(self).__name__} has no starting point: it was "
@@ -222,10 +261,11 @@ class _StartingPointPenalty(
                 f"{tuple(self._starting_point.shape)} but was called on a "
                 f"tensor of shape {tuple(x.shape)}."
             )
-        difference = x - ops.cast(self._starting_point, x.dtype)
+        dtype = _computation_dtype(x.dtype)
+        difference = ops.cast(x, dtype) - ops.cast(self._starting_point, dtype)
         fisher = None
         if self._fisher is not None:
-            fisher = ops.cast(self._fisher, x.dtype)
+            fisher = ops.cast(self._fisher, dtype)
         return x, difference, fisher
 
     def get_config(self):
@@ -337,7 +377,8 @@ class L2SP(_StartingPointPenalty):
         squared = ops.square(difference)
         if fisher is not None:
             squared = fisher * squared
-        return ops.cast(self.alpha / 2, x.dtype) * ops.sum(squared)
+        value = ops.cast(self.alpha / 2, squared.dtype) * ops.sum(squared)
+        return ops.cast(value, x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_sp")
@@ -377,7 +418,8 @@ class L1SP(_StartingPointPenalty):
         # |d| as sign(d) * d with the sign held constant: the gradient is
         # sign(d), 0 at d = 0 on every backend (JAX's |.| has 1 there).
         absolute = ops.stop_gradient(ops.sign(difference)) * difference
-        return ops.cast(self.alpha, x.dtype) * ops.sum(absolute)
+        value = ops.cast(self.alpha, difference.dtype) * ops.sum(absolute)
+        return ops.cast(value, x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_sp")
@@ -468,11 +510,13 @@ class GroupLassoSP(_StartingPointPenalty):
             squared = ops.sum(squared, axis=axes)
         group_size = math.prod(x.shape[axis] for axis in axes)
         epsilon = GROUP_LASSO_EPSILON
-        norms = ops.sqrt(squared + ops.cast(epsilon, x.dtype)) - ops.cast(
-            math.sqrt(epsilon), x.dtype
+        dtype = squared.dtype
+        norms = ops.sqrt(squared + ops.cast(epsilon, dtype)) - ops.cast(
+            math.sqrt(epsilon), dtype
         )
         coefficient = self.alpha * math.sqrt(group_size)
-        return ops.cast(coefficient, x.dtype) * ops.sum(norms)
+        value = ops.cast(coefficient, dtype) * ops.sum(norms)
+        return ops.cast(value, x.dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -169,12 +169,18 @@ class _Surgery:
         self.target_calls = 0
         self._copies = {}
         self._tracked = {}
+        self._derived = {}
 
     def _track(self, tensor):
         self._tracked[id(tensor)] = [tensor, 0]
 
     def _is_tracked(self, tensor):
         return id(tensor) in self._tracked
+
+    def _derive(self, tensors):
+        """Marks `tensors` as the new output of `target`, or computed from it
+        by layers without weights."""
+        self._derived.update({id(x): x for x in keras.tree.flatten(tensors)})
 
     def _use(self, tensor, user):
         record = self._tracked[id(tensor)]
@@ -207,6 +213,17 @@ class _Surgery:
         return keras.Model(inputs, outputs, name=model.name)
 
     def call(self, layer, *args, **kwargs):
+        outputs = self._call(layer, *args, **kwargs)
+        inputs = keras.tree.flatten((args, kwargs))
+        if layer is self.target or (
+            not isinstance(layer, keras.Model)
+            and not getattr(layer, "weights", None)
+            and any(id(x) in self._derived for x in inputs)
+        ):
+            self._derive(outputs)
+        return outputs
+
+    def _call(self, layer, *args, **kwargs):
         tracked = [
             x for x in keras.tree.flatten((args, kwargs)) if self._is_tracked(x)
         ]
@@ -283,6 +300,8 @@ class _Surgery:
         ):
             if self._is_tracked(outer):
                 self._track(inner)
+            if id(outer) in self._derived:
+                self._derive(inner)
         copy = self.copy_model(model, inputs)
         self._copies[id(model)] = copy
         outputs = copy(*args, **kwargs)
@@ -293,9 +312,11 @@ class _Surgery:
         ):
             if self._is_tracked(inner):
                 self._track(outer)
+            if id(inner) in self._derived:
+                self._derive(outer)
         return outputs
 
-    def run(self, model):
+    def run(self, model, change_outputs, action):
         if isinstance(model, keras.Sequential):
             inputs = _new_inputs(model, model.inputs[0])
         else:
@@ -307,11 +328,40 @@ class _Surgery:
                 f"path from the inputs of model '{model.name}' to its outputs. "
                 f"Received: {self.argument}={self.target.name!r}"
             )
+        if not change_outputs:
+            self._check_outputs(model, new_model, action)
         return penalties.unregularize(new_model)
+
+    def _check_outputs(self, model, new_model, action):
+        """Raises if the outputs change shape or come from new layers."""
+        old = [tuple(x.shape) for x in model.outputs]
+        new = [tuple(x.shape) for x in new_model.outputs]
+        if old == new and not any(
+            id(x) in self._derived for x in new_model.outputs
+        ):
+            return
+        old, new = (old[0], new[0]) if len(old) == 1 else (old, new)
+        change = f"change its output shape from {old} to {new}"
+        if old == new:
+            change = f"make new layers compute its output (shape {old} kept)"
+        raise ValueError(
+            f"`{self.argument}`: layer '{self.target.name}' computes the "
+            f"output of model '{model.name}' (directly or through layers "
+            f"without weights); {action} it would {change}. Pass "
+            "`change_outputs=True` to change the model's outputs (for "
+            "instance to add classes). Received: "
+            f"{self.argument}={self.target.name!r}"
+        )
 
 
 def widen(
-    model, layer_name, units, *, consumer_initializer="random", **grow_options
+    model,
+    layer_name,
+    units,
+    *,
+    consumer_initializer="random",
+    change_outputs=False,
+    **grow_options,
 ):
     """Widens a pretrained layer with new units: the WA-CNN of the paper.
 
@@ -349,14 +399,18 @@ def widen(
         model: a built functional or Sequential model (models nested inside
             it are searched too). It is not changed.
         layer_name: name of the Dense or Conv2D layer to widen. Its output
-            must have exactly one consumer, or be a model output (which then
-            grows by `units` channels).
+            must have exactly one consumer, or be a model output (directly
+            or through layers without weights), which then grows by `units`
+            channels: this needs `change_outputs=True`.
         units: int >= 1, the number of new units.
         consumer_initializer: the consumer's new input weights: `"random"`
             (default: small random values, N(0, 0.01²), as the fully
             connected layers of the paper's Caffe models), `"zeros"` (the
             consumer's output is unchanged at first), or a
             `keras.initializers.Initializer`.
+        change_outputs: bool (default False); True lets `layer_name` be the
+            output layer, which then gets `units` more outputs (classes).
+            Otherwise that raises a ValueError naming both output shapes.
         **grow_options: passed to `GrowLayer`: `normalize`, `scale_init`,
             `kernel_initializer`, `bias_initializer`, `epsilon`, `name`.
 
@@ -380,6 +434,7 @@ def widen(
     """
     _check_model(model)
     units = grow.check_units(units)
+    change_outputs = grow._check_bool("change_outputs", change_outputs)
     unknown = sorted(set(grow_options) - set(GROW_OPTIONS))
     if unknown:
         raise ValueError(
@@ -417,7 +472,7 @@ def widen(
     surgery = _Surgery(
         target, "layer_name", replace, adapt_consumer, single=True
     )
-    return surgery.run(model)
+    return surgery.run(model, change_outputs, "widening")
 
 
 def deepen(
@@ -431,6 +486,7 @@ def deepen(
     kernel_initializer="glorot_uniform",
     epsilon=1e-12,
     name=None,
+    change_outputs=False,
 ):
     """Inserts a new layer after a pretrained one: the DA-CNN of the paper.
 
@@ -467,6 +523,9 @@ def deepen(
         kernel_initializer: initializer of the new layer's kernel.
         epsilon: positive float added to ‖h⁺‖² before the square root.
         name: optional name of the new layer.
+        change_outputs: bool (default False); True lets `after` be the
+            output layer, the new layer then computing the outputs (`units`
+            of them). Otherwise that raises a ValueError naming the shapes.
 
     Returns:
         A new, uncompiled functional `keras.Model`.
@@ -489,6 +548,7 @@ def deepen(
     _check_model(model)
     units = grow.check_units(units)
     normalize = grow._check_bool("normalize", normalize)
+    change_outputs = grow._check_bool("change_outputs", change_outputs)
     if name is None:
         name = f"{after}_deepen"
     if not isinstance(name, str) or not name:
@@ -537,4 +597,4 @@ def deepen(
                 new.assign(old)
 
     surgery = _Surgery(target, "after", replace, adapt_consumer, single=False)
-    return surgery.run(model)
+    return surgery.run(model, change_outputs, "deepening after")

@@ -283,6 +283,14 @@ def _two_heads():
             lambda m: surgery.widen(keras.Sequential(), "fc", 2),
             "must be built",
         ),
+        (
+            lambda m: surgery.widen(m, "head", 2, change_outputs="yes"),
+            "Received: change_outputs='yes'",
+        ),
+        (
+            lambda m: surgery.deepen(m, "head", 2, change_outputs=1),
+            "Received: change_outputs=1",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(call, match):
@@ -317,3 +325,138 @@ def test_deepen_keeps_several_consumers():
     _assert_copied(model, deeper)
     x = np.ones((1, 4), "float32")
     assert [y.shape for y in deeper.predict(x, verbose=0)] == [(1, 2), (1, 2)]
+
+
+def _classifier(softmax=False, nested=False):
+    """x (3) -> fc (4, relu) -> head (2) [-> softmax], with fixed weights;
+    `nested`: the layers sit in a Sequential model nested in another."""
+    layers = [
+        keras.layers.Dense(4, activation="relu", name="fc"),
+        keras.layers.Dense(2, name="head"),
+    ]
+    if softmax:
+        layers.append(keras.layers.Activation("softmax", name="probs"))
+    if nested:
+        layers = [keras.Sequential(layers, name="inner")]
+    model = keras.Sequential([keras.Input((3,))] + layers, name="classifier")
+    rng = np.random.default_rng(3)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return model
+
+
+def _inputs():
+    return np.random.default_rng(4).normal(size=(5, 3)).astype("float32")
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: _classifier(), "classifier"),
+        (lambda: _classifier(softmax=True), "classifier"),
+        (lambda: _classifier(nested=True), "classifier"),
+        (lambda: _small_cnn(), "small_cnn"),
+    ],
+)
+def test_widening_the_output_layer_raises_naming_layer_and_shapes(make, name):
+    """The output layer, reached directly, through a layer without weights
+    (softmax) or through a nested model's boundary."""
+    model = make()
+    before = _snapshot(model)
+    names = [layer.name for layer in model.layers]
+    classes = model.outputs[0].shape[-1]
+    with pytest.raises(
+        ValueError,
+        match=(
+            f"`layer_name`: layer 'head' computes the output of model "
+            f"'{name}'.*widening it would change its output shape from "
+            f"\\(None, {classes}\\) to \\(None, {classes + 3}\\)\\. Pass "
+            "`change_outputs=True`.*Received: layer_name='head'"
+        ),
+    ):
+        surgery.widen(model, "head", units=3)
+    _assert_untouched(model, before, names)
+
+
+def test_widening_the_output_layer_with_the_opt_in_adds_outputs():
+    """change_outputs=True, normalize=False: y = [h, x W+ + b+], the old
+    outputs h unchanged and the new ones in closed form."""
+    model = _classifier()
+    x = _inputs()
+    grown = surgery.widen(
+        model, "head", units=3, normalize=False, change_outputs=True
+    )
+    assert grown.output.shape == (None, 5)
+    y = grown.predict(x, verbose=0)
+    np.testing.assert_allclose(y[:, :2], model.predict(x, verbose=0), 1e-5)
+    fc = model.get_layer("fc")
+    hidden = np.maximum(x @ fc.kernel.numpy() + fc.bias.numpy(), 0)
+    new = grown.get_layer("head_grow").new_units
+    expected = hidden @ new.kernel.numpy() + new.bias.numpy()
+    np.testing.assert_allclose(y[:, 2:], expected, 1e-5, 1e-6)
+
+
+def test_deepening_after_the_output_layer_raises_naming_layer_and_shapes():
+    model = _classifier(softmax=True)
+    before = _snapshot(model)
+    names = [layer.name for layer in model.layers]
+    with pytest.raises(
+        ValueError,
+        match=(
+            "`after`: layer 'head' computes the output of model "
+            "'classifier'.*deepening after it would change its output shape "
+            "from \\(None, 2\\) to \\(None, 6\\).*Received: after='head'"
+        ),
+    ):
+        surgery.deepen(model, after="head", units=6)
+    # Same width: the shape stays, but new layers would compute the output.
+    with pytest.raises(
+        ValueError,
+        match="make new layers compute its output \\(shape \\(None, 2\\) "
+        "kept\\).*Received: after='probs'",
+    ):
+        surgery.deepen(model, after="probs", units=2)
+    # A model whose output is a nested model's output layer.
+    backbone = _small_cnn().get_layer("backbone")
+    with pytest.raises(ValueError, match="Received: after='fc'"):
+        surgery.deepen(backbone, after="fc", units=8)
+    _assert_untouched(model, before, names)
+
+
+def test_deepening_after_the_output_layer_with_the_opt_in():
+    """y = scale_init * h+ / ||h+||, h+ = relu(logits W + b): closed form."""
+    model = _classifier()
+    x = _inputs()
+    deeper = surgery.deepen(
+        model, after="head", units=6, scale_init=2.0, change_outputs=True
+    )
+    assert deeper.output.shape == (None, 6)
+    new = deeper.get_layer("head_deepen")
+    logits = model.predict(x, verbose=0)
+    hidden = np.maximum(logits @ new.kernel.numpy() + new.bias.numpy(), 0)
+    norm = np.sqrt(np.sum(hidden**2, axis=1, keepdims=True) + 1e-12)
+    np.testing.assert_allclose(
+        deeper.predict(x, verbose=0), 2.0 * hidden / norm, 1e-5, 1e-6
+    )
+
+
+def test_growing_hidden_layers_needs_no_opt_in():
+    """Hidden layers inside a nested model, before an output layer with
+    weights: no opt-in is needed, and the outputs are in closed form."""
+    model = _classifier(softmax=True, nested=True)
+    x = _inputs()
+    deeper = surgery.deepen(model, after="fc", units=4, normalize=False)
+    fc = model.get_layer("inner").get_layer("fc")
+    head = model.get_layer("inner").get_layer("head")
+    new = deeper.get_layer("inner").get_layer("fc_deepen")
+    hidden = np.maximum(x @ fc.kernel.numpy() + fc.bias.numpy(), 0)
+    hidden = np.maximum(hidden @ new.kernel.numpy() + new.bias.numpy(), 0)
+    logits = hidden @ head.kernel.numpy() + head.bias.numpy()
+    probs = np.exp(logits) / np.sum(np.exp(logits), axis=1, keepdims=True)
+    np.testing.assert_allclose(deeper.predict(x, verbose=0), probs, 1e-5)
+    grown = surgery.widen(
+        model, "fc", units=2, normalize=False, consumer_initializer="zeros"
+    )
+    np.testing.assert_allclose(
+        grown.predict(x, verbose=0), model.predict(x, verbose=0), 1e-6
+    )
