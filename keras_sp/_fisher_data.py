@@ -93,11 +93,19 @@ def example_count(x, y, argument="data"):
 
 
 def _expected_inputs(model):
-    """The model's symbolic inputs (a tensor, list or dict), or None."""
-    try:
-        return model.input
-    except (AttributeError, ValueError):
-        return None
+    """The model's symbolic inputs (a tensor, list or dict), or None.
+
+    A Functional model has `input` (its input structure); a Sequential
+    model has `inputs` only; a subclassed model has neither.
+    """
+    for attribute in ("input", "inputs"):
+        try:
+            inputs = getattr(model, attribute)
+        except (AttributeError, ValueError):
+            continue
+        if inputs is not None and tree.flatten(inputs):
+            return inputs
+    return None
 
 
 def _compatible(expected, received):

@@ -37,7 +37,7 @@ class _Functions:
         def log_probabilities(trainable, non_trainable, x):
             return outputs.log_probabilities(
                 lambda: model_ref().stateless_call(
-                    trainable, non_trainable, x, training=False
+                    trainable, non_trainable, x, **outputs.inference
                 )[0]
             )
 

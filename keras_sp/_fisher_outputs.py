@@ -16,6 +16,7 @@ Backend-neutral (`keras.ops` only). Two things live here:
 """
 
 import contextlib
+import inspect
 import threading
 
 import keras
@@ -27,6 +28,7 @@ __all__ = [
     "Outputs",
     "check_outputs",
     "describe",
+    "inference_arguments",
     "rows",
 ]
 
@@ -41,6 +43,19 @@ _PROBABILITY_TOLERANCE = 1e-3
 # Replacing a layer's softmax for the duration of one call is not
 # thread-safe by itself.
 _SWAP_LOCK = threading.RLock()
+
+
+def inference_arguments(model):
+    """`{"training": False}` when `model.call` takes `training` (as
+    `model(x)` would pass it), otherwise nothing: `model.stateless_call`
+    passes its keyword arguments to `call` as they are."""
+    parameters = inspect.signature(model.call).parameters.values()
+    if any(
+        p.name == "training" or p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in parameters
+    ):
+        return {"training": False}
+    return {}
 
 
 def output_layer(model):
@@ -110,6 +125,8 @@ class Outputs:
 
     def __init__(self, model, from_logits):
         layer = output_layer(model)
+        # Keyword arguments of `model.stateless_call` (inference mode).
+        self.inference = inference_arguments(model)
         self.kind = final_activation(layer)
         self.from_logits = from_logits
         # The softmax to remove, when the logits before it are used.

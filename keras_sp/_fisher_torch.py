@@ -90,7 +90,7 @@ class _Functions:
         model = self._model_ref()
         return self._outputs.log_probabilities(
             lambda: model.stateless_call(
-                trainable, non_trainable, x, training=False
+                trainable, non_trainable, x, **self._outputs.inference
             )[0]
         )
 
