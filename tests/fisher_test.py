@@ -123,8 +123,10 @@ def backprop(model, x, training=False):
     elif BACKEND == "jax":
         import jax
 
+        compiled = jax.jit(jax.grad(lambda t, x1, k: log_p(t, x1)[k]))
+
         def gradient(x1, k):
-            return jax.grad(lambda t: log_p(t, x1)[k])(trainable)
+            return compiled(trainable, x1, k)
     else:
         import torch
 
