@@ -15,6 +15,12 @@ squares are those of per-example gradients, never the square of a batch
 gradient, and the model runs in inference mode (BatchNormalization uses its
 moving statistics and is not updated, Dropout is off).
 
+The same code runs on the TensorFlow, JAX and PyTorch backends of Keras:
+this module reads the data (`keras_sp._fisher_data`) and the model's
+outputs (`keras_sp._fisher_outputs`) and draws the sampled labels with
+NumPy, and one module per backend computes the per-example gradients
+(`_fisher_tensorflow`, `_fisher_jax`, `_fisher_torch`).
+
 Reference:
     Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer Learning
     with Convolutional Networks". ICML 2018, section 3 (eq. 4).
