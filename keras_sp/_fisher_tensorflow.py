@@ -1,17 +1,16 @@
 """Per-example gradients for `keras_sp.fisher`, TensorFlow backend.
 
-Everything `keras_sp.fisher` needs from a backend lives here, behind two
-functions: `inspect_outputs` (what the model outputs) and
-`squared_score_sums` (the sums of weighted squared per-example scores for
-one batch). A JAX path would provide the same two functions with
-`jax.vmap(jax.grad(...))` over `model.stateless_call`.
+`batch_functions` returns the two functions `keras_sp.fisher` needs from
+a backend (as `_fisher_jax` and `_fisher_torch` do): `log_probabilities(x)`,
+and `squared_scores(x, classes, weights)`, the sum over the examples i and
+rows r of a batch of `w_ir (d log f_{c_ir}(x_i) / dw)^2`.
 
 Per-example gradients are vectorised with `tf.vectorized_map` (pfor): the
 function differentiating the log-probability of ONE example is traced once
 and pfor turns every op into its batched form, so one graph computes the B
 gradients of a batch; no Python loop runs over examples. Several scores per
 example (the K classes of the exact Fisher, or S sampled labels) nest a
-second `tf.vectorized_map` over the classes around it: the forward pass,
+second `tf.vectorized_map` over the rows around it: the forward pass,
 which does not depend on the class, is computed once per example, and the
 backward passes of all (class, example) pairs run as one batched graph.
 
@@ -33,22 +32,13 @@ import contextlib
 import threading
 import weakref
 
-import numpy as np
 import tensorflow as tf
 from keras import tree
 from tensorflow.python.ops.parallel_for import pfor as _pfor
 
-from keras_sp import _keras_private
-
 __all__ = [
-    "inspect_outputs",
-    "squared_score_sums",
+    "batch_functions",
 ]
-
-# Probabilities are clipped at this value before their log is taken when
-# the model outputs probabilities that keras-sp cannot trace back to logits
-# (as Keras's crossentropy does).
-PROBABILITY_EPSILON = 1e-7
 
 # Compiled functions per model, so that repeated calls do not trace again.
 # They reach the model through a weak reference: the cache never keeps a
@@ -262,86 +252,49 @@ def _batched_convolutions():
                     _CONVERTERS[name] = original
 
 
-def _output_kind(output):
-    """`"softmax"`, `"sigmoid"` or None, and the logits when found.
+class _Functions:
+    def __init__(self, model_ref, variables, outputs):
+        def log_probabilities(x):
+            return outputs.log_probabilities(
+                lambda: model_ref()(x, training=False)
+            )
 
-    Keras's `softmax` and `sigmoid` record their input on the (symbolic)
-    output, as Keras's own crossentropy uses; an output made by a raw
-    `Softmax` op is recognised by its op type.
-    """
-    op_type = getattr(getattr(output, "op", None), "type", None)
-    logits = _keras_private.keras_logits(output)
-    if op_type == "Sigmoid":
-        return "sigmoid", logits
-    if op_type == "Softmax" and logits is None:
-        logits = output.op.inputs[0]
-    if logits is not None:
-        return "softmax", logits
-    return None, None
+        def squared_scores(x, classes, weights):
+            return _batch_total(
+                model_ref(), variables, log_probabilities, x, classes, weights
+            )
 
-
-def _log_probabilities(outputs, from_logits):
-    """log f_k(x) from the model's (single) output, of shape (batch, K).
-
-    `from_logits=None`: log-softmax of the logits under a final softmax
-    when there is one, otherwise of the outputs themselves.
-    """
-    output = tree.flatten(outputs)[0]
-    kind, logits = _output_kind(output)
-    if from_logits is True or (from_logits is None and kind != "softmax"):
-        return tf.nn.log_softmax(tf.cast(output, "float32"))
-    if kind == "softmax":
-        return tf.nn.log_softmax(tf.cast(logits, "float32"))
-    probabilities = tf.cast(output, "float32")
-    return tf.math.log(tf.clip_by_value(probabilities, PROBABILITY_EPSILON, 1))
-
-
-def inspect_outputs(model, x):
-    """Calls `model` on `x` in inference mode and describes its outputs.
-
-    Returns:
-        A dict: `"count"` (number of output tensors), `"shape"` (the first
-        output's shape), `"kind"` (`"softmax"`, `"sigmoid"` or None: the
-        final activation when it can be told) and `"values"` (the first
-        output as a NumPy array).
-    """
-    functions = _COMPILED.setdefault(model, {})
-    if "inspect" not in functions:
-        found = {}
-        model_ref = weakref.ref(model)
-
-        def call(x):
-            outputs = tree.flatten(model_ref()(x, training=False))
-            found["count"] = len(outputs)
-            found["kind"] = _output_kind(outputs[0])[0]
-            return outputs[0]
-
-        functions["inspect"] = (
-            tf.function(call, autograph=False, reduce_retracing=True),
-            found,
+        self._log_probabilities = tf.function(
+            log_probabilities, autograph=False, reduce_retracing=True
         )
-    call, found = functions["inspect"]
-    values = call(x).numpy()
-    return {
-        "count": found["count"],
-        "shape": values.shape,
-        "kind": found["kind"],
-        "values": values,
-    }
+        self._squared_scores = tf.function(
+            squared_scores, autograph=False, reduce_retracing=True
+        )
+
+    def log_probabilities(self, x):
+        """log f_k(x) of a batch, (batch, K), float64 NumPy."""
+        x = tree.map_structure(tf.convert_to_tensor, x)
+        return self._log_probabilities(x).numpy().astype("float64")
+
+    def squared_scores(self, x, classes, weights):
+        """`sum_i sum_r w_ir (d log f_{c_ir}(x_i) / dw)^2` per variable
+        (NumPy), for `classes` and `weights` of shape (B, R)."""
+        arguments = (
+            tree.map_structure(tf.convert_to_tensor, x),
+            tf.convert_to_tensor(classes, "int32"),
+            tf.convert_to_tensor(weights, "float32"),
+        )
+        # Our converters are needed while tracing only.
+        with _batched_convolutions():
+            concrete = self._squared_scores.get_concrete_function(*arguments)
+        return [s.numpy() for s in concrete(*arguments)]
 
 
-def _example_terms(model, variables, from_logits, x, choose):
-    """For one example: weight * (d log f_c(x) / dw)^2 for each variable.
-
-    `choose(log_probabilities)` returns the class c and its weight.
-    """
+def _example_terms(variables, log_probabilities, x, label, weight):
+    """For one example: weight * (d log f_label(x) / dw)^2 per variable."""
     x = tree.map_structure(lambda t: t[None], x)
     with tf.GradientTape() as tape:
-        log_probabilities = _log_probabilities(
-            model(x, training=False), from_logits
-        )[0]
-        label, weight = choose(tf.stop_gradient(log_probabilities))
-        score = tf.gather(log_probabilities, label)
+        score = tf.gather(log_probabilities(x)[0], label)
     gradients = tape.gradient(
         score, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
@@ -352,174 +305,42 @@ def _example_terms(model, variables, from_logits, x, choose):
     return terms
 
 
-def _sum_over_examples(model, variables, from_logits, elements, choose):
-    """Sums `_example_terms` over the examples of `elements`, vectorised."""
+def _batch_total(model, variables, log_probabilities, x, classes, weights):
+    """The traced body of `squared_scores`: a `tf.vectorized_map` over the
+    rows r around a `tf.vectorized_map` over the examples i."""
 
-    def one(element):
-        x, extra = element
-        return _example_terms(
-            model,
-            variables,
-            from_logits,
-            x,
-            lambda log_probabilities: choose(log_probabilities, extra),
-        )
+    def per_row(row):
+        labels, row_weights = row
 
-    terms = tf.vectorized_map(one, elements)
-    return [tf.reduce_sum(term, axis=0) for term in terms]
+        def per_example(element):
+            x_i, label, weight = element
+            return _example_terms(
+                variables, log_probabilities, x_i, label, weight
+            )
+
+        terms = tf.vectorized_map(per_example, (x, labels, row_weights))
+        return [tf.reduce_sum(term, axis=0) for term in terms]
+
+    sums = tf.vectorized_map(
+        per_row, (tf.transpose(classes), tf.transpose(weights))
+    )
+    return [tf.reduce_sum(s, axis=0) for s in sums]
 
 
-def squared_score_sums(
-    model, variables, *, mode, samples, num_classes, from_logits
-):
-    """Builds the per-batch function of `keras_sp.fisher.diagonal_fisher`.
-
-    The returned function `run(x, labels, mask, seed, rows)` returns, for
-    each variable, `sum_i mask_i sum_r w_ir (d log f_{c_ir}(x_i) / dw)^2`
-    over the batch as a NumPy array, where the rows r and their classes
-    c_ir and weights w_ir are:
-
-    - `"empirical"`: one row, c = the label, w = 1;
-    - `"exact"`: the classes `rows` (a chunk of 0..K-1), w = f_c(x_i);
-    - `"sampled"` with `samples` < K: the draws `rows` (a chunk of
-      0..S-1), c = a label drawn from f(x_i), w = 1/S;
-    - `"sampled"` with `samples` >= K: the classes `rows`, w = (number of
-      the S draws equal to c) / S (the same estimate, with at most K
-      backward passes per example).
-
-    Draws use the Gumbel-max trick: argmax_k(log f_k(x_i) + G_ik), with
-    G_ik standard Gumbel noise from `tf.random.stateless_uniform(seed)`.
+def batch_functions(model, variables, outputs):
+    """The per-batch functions of `diagonal_fisher` for `model`.
 
     Args:
         model: a built Keras model with one categorical output.
         variables: the variables to differentiate.
-        mode: `"exact"`, `"sampled"` or `"empirical"`.
-        samples: number of draws per example (`"sampled"`).
-        num_classes: K.
-        from_logits: True, False or None, as in `diagonal_fisher`.
+        outputs: a `keras_sp._fisher_outputs.Outputs`.
 
     Returns:
-        `run(x, labels, mask, seed, rows)`.
+        An object with `log_probabilities(x)` and
+        `squared_scores(x, classes, weights)`.
     """
-    key = (mode, samples, num_classes, from_logits) + tuple(
-        id(variable) for variable in variables
-    )
+    key = (outputs.key,) + tuple(id(variable) for variable in variables)
     functions = _COMPILED.setdefault(model, {})
     if key not in functions:
-        functions[key] = tf.function(
-            _batch_total(
-                weakref.ref(model),
-                variables,
-                mode=mode,
-                samples=samples,
-                num_classes=num_classes,
-                from_logits=from_logits,
-            ),
-            autograph=False,
-            reduce_retracing=True,
-        )
-    compiled = functions[key]
-
-    def run(x, labels, mask, seed, rows):
-        arguments = (
-            tree.map_structure(tf.convert_to_tensor, x),
-            tf.convert_to_tensor(labels, "int32"),
-            tf.convert_to_tensor(mask, "float32"),
-            tf.convert_to_tensor(seed, "int64"),
-            tf.convert_to_tensor(rows, "int32"),
-        )
-        # Our converters are needed while tracing only.
-        with _batched_convolutions():
-            concrete = compiled.get_concrete_function(*arguments)
-        return [s.numpy() for s in concrete(*arguments)]
-
-    return run
-
-
-def _batch_total(
-    model_ref, variables, *, mode, samples, num_classes, from_logits
-):
-    """The traced body of `squared_score_sums`'s function."""
-    by_class = mode == "exact" or (mode == "sampled" and samples >= num_classes)
-    single_row = mode == "empirical" or (mode == "sampled" and samples == 1)
-
-    def noise(seed, batch):
-        uniform = tf.random.stateless_uniform(
-            [samples, batch, num_classes],
-            seed=seed,
-            minval=np.finfo("float32").tiny,
-            maxval=1.0,
-        )
-        return -tf.math.log(-tf.math.log(uniform))
-
-    def total(x, labels, mask, seed, rows):
-        model = model_ref()
-        batch = tf.shape(mask)[0]
-        if mode == "empirical":
-            return _sum_over_examples(
-                model,
-                variables,
-                from_logits,
-                (x, (labels, mask)),
-                lambda _, extra: extra,
-            )
-        if single_row:
-            gumbel = noise(seed, batch)[0]
-            return _sum_over_examples(
-                model,
-                variables,
-                from_logits,
-                (x, (gumbel, mask)),
-                lambda log_p, extra: (
-                    tf.argmax(log_p + extra[0], output_type="int32"),
-                    extra[1],
-                ),
-            )
-        if mode == "exact":
-
-            def per_class(label):
-                return _sum_over_examples(
-                    model,
-                    variables,
-                    from_logits,
-                    (x, mask),
-                    lambda log_p, weight: (
-                        label,
-                        weight * tf.exp(tf.gather(log_p, label)),
-                    ),
-                )
-
-            sums = tf.vectorized_map(per_class, rows)
-        elif by_class:
-            gumbel = tf.transpose(noise(seed, batch), [1, 0, 2])
-
-            def per_class(label):
-                def choose(log_p, extra):
-                    draws = tf.argmax(log_p + extra[0], -1, output_type="int32")
-                    count = tf.reduce_sum(tf.cast(draws == label, "float32"))
-                    return label, extra[1] * count / samples
-
-                return _sum_over_examples(
-                    model, variables, from_logits, (x, (gumbel, mask)), choose
-                )
-
-            sums = tf.vectorized_map(per_class, rows)
-        else:
-            gumbel = noise(seed, batch)
-
-            def per_draw(draw):
-                return _sum_over_examples(
-                    model,
-                    variables,
-                    from_logits,
-                    (x, (tf.gather(gumbel, draw), mask)),
-                    lambda log_p, extra: (
-                        tf.argmax(log_p + extra[0], output_type="int32"),
-                        extra[1] / samples,
-                    ),
-                )
-
-            sums = tf.vectorized_map(per_draw, rows)
-        return [tf.reduce_sum(s, axis=0) for s in sums]
-
-    return total
+        functions[key] = _Functions(weakref.ref(model), variables, outputs)
+    return functions[key]

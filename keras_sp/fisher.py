@@ -15,6 +15,12 @@ squares are those of per-example gradients, never the square of a batch
 gradient, and the model runs in inference mode (BatchNormalization uses its
 moving statistics and is not updated, Dropout is off).
 
+The same code runs on the TensorFlow, JAX and PyTorch backends of Keras:
+this module reads the data (`keras_sp._fisher_data`) and the model's
+outputs (`keras_sp._fisher_outputs`) and draws the sampled labels with
+NumPy, and one module per backend computes the per-example gradients
+(`_fisher_tensorflow`, `_fisher_jax`, `_fisher_torch`).
+
 Reference:
     Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer Learning
     with Convolutional Networks". ICML 2018, section 3 (eq. 4).
@@ -32,6 +38,8 @@ import keras
 import numpy as np
 from keras import tree
 
+from keras_sp import _fisher_data as _data
+from keras_sp import _fisher_outputs as _outputs
 from keras_sp import penalties
 
 __all__ = [
@@ -55,9 +63,6 @@ MAX_PAIRS = 1024
 # Examples of the first batch the model's outputs are inspected on.
 _PROBE_EXAMPLES = 8
 
-# Tolerance on the row sums of outputs that are taken as probabilities.
-_PROBABILITY_TOLERANCE = 1e-3
-
 
 def _backend():
     """The module computing per-example gradients for the Keras backend."""
@@ -66,11 +71,19 @@ def _backend():
         from keras_sp import _fisher_tensorflow
 
         return _fisher_tensorflow
+    if name == "jax":
+        from keras_sp import _fisher_jax
+
+        return _fisher_jax
+    if name == "torch":
+        from keras_sp import _fisher_torch
+
+        return _fisher_torch
     raise ValueError(
-        "keras_sp.fisher computes per-example gradients with TensorFlow "
-        "only, for now: set the environment variable "
-        "KERAS_BACKEND=tensorflow before importing Keras. "
-        f"Received: backend={name!r}"
+        "keras_sp.fisher computes per-example gradients with the "
+        "TensorFlow, JAX or PyTorch backend of Keras: set the environment "
+        "variable KERAS_BACKEND to 'tensorflow', 'jax' or 'torch' before "
+        f"importing Keras. Received: backend={name!r}"
     )
 
 
@@ -103,201 +116,6 @@ def _check_unique_paths(variables):
         )
 
 
-# Data: arrays, (x,) or (x, y) tuples, or a tf.data.Dataset of them.
-
-
-def _is_dataset(data):
-    return type(data).__module__.startswith("tensorflow") and hasattr(
-        data, "element_spec"
-    )
-
-
-def _split(element, argument="data"):
-    """`(x, y)` from `x`, `(x,)` or `(x, y)`; lists and dicts are `x`."""
-    if isinstance(element, tuple):
-        if len(element) == 1:
-            return element[0], None
-        if len(element) == 2:
-            return element
-        raise ValueError(
-            f"`{argument}` must be `x`, `(x,)` or `(x, y)`: sample weights "
-            "are not used by the Fisher information. Received: a tuple of "
-            f"{len(element)} elements"
-        )
-    return element, None
-
-
-def _to_numpy(value):
-    if hasattr(value, "numpy"):
-        return value.numpy()
-    return np.asarray(value)
-
-
-def _length(x, y):
-    """Number of examples in a chunk; all arrays must agree."""
-    leaves = tree.flatten(x)
-    if not leaves:
-        raise ValueError(f"`data` has no input arrays. Received: x={x!r}")
-    lengths = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
-    if y is not None:
-        lengths.add(np.shape(y)[0] if np.ndim(y) else None)
-    if None in lengths or len(lengths) != 1:
-        raise ValueError(
-            "Every array in `data` must hold the same number of examples "
-            "along its first axis. Received: lengths "
-            f"{sorted(str(n) for n in lengths)}"
-        )
-    return lengths.pop()
-
-
-def _chunks(data):
-    """Yields `(x, y)` chunks of examples as NumPy arrays."""
-    if _is_dataset(data):
-        for element in data:
-            x, y = _split(element, "data's elements")
-            x = tree.map_structure(_to_numpy, x)
-            y = None if y is None else _to_numpy(y)
-            yield x, y
-        return
-    x, y = _split(data)
-    x = tree.map_structure(_to_numpy, x)
-    yield x, (None if y is None else _to_numpy(y))
-
-
-def _take(chunk, start, stop):
-    x, y = chunk
-    x = tree.map_structure(lambda a: a[start:stop], x)
-    return x, (None if y is None else y[start:stop])
-
-
-def _concatenate(parts):
-    x = tree.map_structure(lambda *a: np.concatenate(a), *[p[0] for p in parts])
-    if any(p[1] is None for p in parts):
-        return x, None
-    return x, np.concatenate([p[1] for p in parts])
-
-
-def _batches(data, batch_size, max_examples):
-    """Yields `(x, y, count)` batches of at most `batch_size` examples."""
-    remaining = math.inf if max_examples is None else max_examples
-    pending = []
-    pending_count = 0
-    for chunk in _chunks(data):
-        count = _length(*chunk)
-        start = 0
-        while start < count and remaining > 0:
-            take = int(
-                min(batch_size - pending_count, count - start, remaining)
-            )
-            pending.append(_take(chunk, start, start + take))
-            pending_count += take
-            remaining -= take
-            start += take
-            if pending_count == batch_size:
-                yield (*_concatenate(pending), pending_count)
-                pending, pending_count = [], 0
-        if remaining <= 0:
-            break
-    if pending_count:
-        yield (*_concatenate(pending), pending_count)
-
-
-def _pad(array, size):
-    """Repeats the last example of `array` up to `size` examples."""
-    missing = size - len(array)
-    if missing == 0:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
-
-
-def _class_labels(y, num_classes):
-    """Integer class labels from class indices or one-hot rows."""
-    y = np.asarray(y)
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
-        raise ValueError(
-            "Labels must be class indices or one-hot rows. Received: labels "
-            f"of dtype {y.dtype}"
-        )
-    if y.ndim == 2 and y.shape[1] == num_classes:
-        if not np.all((y == 0) | (y == 1)) or not np.all(y.sum(axis=1) == 1):
-            raise ValueError(
-                f"Labels of shape {y.shape} must be one-hot rows (one 1 per "
-                "row, zeros elsewhere): the empirical Fisher needs one class "
-                "per example. Received: labels with row sums in "
-                f"[{y.sum(axis=1).min()}, {y.sum(axis=1).max()}]"
-            )
-        return np.argmax(y, axis=1).astype("int32")
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(
-            "Labels must have shape (n,), (n, 1) or (n, K) one-hot with "
-            f"K={num_classes}. Received: labels of shape {y.shape}"
-        )
-    if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-        raise ValueError(
-            "Labels must be integer class indices. Received: labels such as "
-            f"{y[~np.isfinite(y) | (y != np.round(y))][:3].tolist()}"
-        )
-    bad = (y < 0) | (y >= num_classes)
-    if np.any(bad):
-        raise ValueError(
-            f"Labels must be class indices in [0, {num_classes}) for a model "
-            f"with {num_classes} outputs. Received: labels such as "
-            f"{np.unique(y[bad])[:5].tolist()}"
-        )
-    return y.astype("int32")
-
-
-def _check_outputs(info, from_logits):
-    """Raises unless the model has one categorical output; returns K."""
-    if info["count"] != 1:
-        raise ValueError(
-            "The Fisher information needs a model with one output, a "
-            "categorical distribution over classes. Received: a model with "
-            f"{info['count']} outputs"
-        )
-    shape = info["shape"]
-    if len(shape) != 2 or shape[1] < 2:
-        raise ValueError(
-            "The Fisher information needs a classification output of shape "
-            "(batch, K) with K >= 2 classes (logits or softmax "
-            f"probabilities). Received: an output of shape {shape}"
-        )
-    values = info["values"].astype("float64")
-    looks_like_probabilities = (
-        np.all(values >= 0)
-        and np.all(values <= 1)
-        and np.all(np.abs(values.sum(axis=1) - 1) < _PROBABILITY_TOLERANCE)
-    )
-    if from_logits is None and info["kind"] == "sigmoid":
-        raise ValueError(
-            "The model ends in a sigmoid: its outputs are independent "
-            "probabilities, not a categorical distribution over classes. "
-            "The Fisher information needs a softmax or a linear (logits) "
-            "last layer. Received: from_logits=None"
-        )
-    if from_logits is False and info["kind"] != "softmax":
-        if not looks_like_probabilities:
-            raise ValueError(
-                "With from_logits=False the model's outputs must be "
-                "probabilities (non-negative rows summing to 1), but they "
-                f"are not (row sums in [{values.sum(axis=1).min():.4g}, "
-                f"{values.sum(axis=1).max():.4g}]). Received: "
-                "from_logits=False"
-            )
-    if from_logits is None and info["kind"] is None:
-        if looks_like_probabilities:
-            raise ValueError(
-                "The model's outputs look like probabilities, but no final "
-                "softmax was found to recover the logits from. Pass "
-                "from_logits=False if they are probabilities, or "
-                "from_logits=True if they are logits. Received: "
-                "from_logits=None"
-            )
-    return int(shape[1])
-
-
 def diagonal_fisher(
     model,
     data,
@@ -326,35 +144,48 @@ def diagonal_fisher(
     Gradients are per example (vectorised over a batch, never the square
     of a batch gradient), in inference mode: BatchNormalization uses its
     moving statistics, Dropout is off, and no weight or statistic of the
-    model changes. Several backward passes per example (the K classes of
-    `"exact"`, the draws of `"sampled"`) run in chunks so that one call
-    holds at most `MAX_GRADIENT_ENTRIES` per-example gradient entries and
-    `MAX_PAIRS` (example, class) pairs. The first call for a model traces
-    and vectorises its gradient (seconds to minutes for a deep network);
-    later calls with the same settings reuse it.
+    model changes. Every Keras backend with gradients works: TensorFlow
+    (`tf.vectorized_map`), JAX (`jax.vmap` of `jax.vjp` over
+    `model.stateless_call`) and PyTorch (`torch.func.vmap` of
+    `torch.func.vjp` over `model.stateless_call`; a per-example loop for
+    models `torch.func` cannot vectorise, see `keras_sp._fisher_torch`).
+    Several backward passes per example (the K classes of `"exact"`, the
+    draws of `"sampled"`) run in chunks so that one call holds at most
+    `MAX_GRADIENT_ENTRIES` per-example gradient entries and `MAX_PAIRS`
+    (example, class) pairs. The first call for a model traces and
+    vectorises its gradient (seconds to minutes for a deep network); later
+    calls with the same settings reuse it.
 
     Args:
         model: a built `keras.Model` with one output of shape (batch, K),
             K >= 2: logits, or probabilities from a final softmax.
         data: the inputs: an array (or a list or dict of arrays for several
-            inputs), a tuple `(x,)` or `(x, y)`, or a batched
-            `tf.data.Dataset` of `x` or `(x, y)`. Labels `y` (class indices
-            or one-hot rows) are used in `"empirical"` mode only.
+            inputs; NumPy, TensorFlow, JAX or PyTorch), a tuple `(x,)` or
+            `(x, y)`, or an iterable of such batches: a batched
+            `tf.data.Dataset`, a PyTorch `DataLoader`, a
+            `keras.utils.PyDataset`, a generator. In batches a list is read
+            as a tuple, as `model.fit` does. Labels `y` (class indices or
+            one-hot rows) are used in `"empirical"` mode only. Every batch
+            must fit the model's input shape.
         mode: `"exact"`, `"sampled"` or `"empirical"`.
         samples: int >= 1, labels drawn per example in `"sampled"` mode.
-        from_logits: None (default) detects a final softmax and then works
-            from the logits before it (log-softmax, no underflow), and
-            otherwise treats the outputs as logits. True: the outputs are
-            logits. False: they are probabilities (their log is taken, after
-            clipping at 1e-7, unless a final softmax gives the logits).
+        from_logits: None (default) detects a final softmax (a `Softmax`
+            or `Activation("softmax")` output layer, or an output layer
+            with `activation="softmax"`) and then works from the logits
+            before it (log-softmax, no underflow), and otherwise treats the
+            outputs as logits. True: the outputs are logits. False: they
+            are probabilities (their log is taken, after clipping at 1e-7,
+            unless a final softmax gives the logits).
         batch_size: examples per vectorised batch. Memory grows with
             `batch_size` times the number of parameters (the per-example
             gradients): lower it for large models.
         max_examples: optional int, use at most this many examples.
         seed: int seed of the draws in `"sampled"` mode; None draws one from
             NumPy's global generator (`keras.utils.set_random_seed` makes it
-            reproducible). The same seed, data and `batch_size` give the
-            same result.
+            reproducible). Labels are drawn on the host with
+            `numpy.random.default_rng(seed)`, `samples` uniforms per
+            example in data order: the same seed and data give the same
+            draws on every backend and for every `batch_size`.
         verbose: 0 (silent), 1 (progress bar) or 2 (one line at the end).
 
     Returns:
@@ -382,17 +213,17 @@ def diagonal_fisher(
     backend = _backend()
     variables = _trainable_variables(model)
 
-    if _is_dataset(data):
-        _check_batched(model, data)
-        total = max_examples  # unknown for an unbounded dataset
+    if _data.is_iterable_of_batches(data):
+        _data.check_batched(model, data)
+        total = max_examples  # unknown for an iterable of batches
         size = batch_size if total is None else min(batch_size, total)
     else:
-        x, y = _split(data)
-        total = _length(x, y)
+        x, y = _data.split(data)
+        total = _data.example_count(x, y)
         if max_examples is not None:
             total = min(total, max_examples)
         size = max(1, min(batch_size, total))
-    batches = _batches(data, size, max_examples)
+    batches = _data.batches(model, data, size, max_examples)
     first = next(batches, None)
     if first is None:
         raise ValueError(
@@ -401,29 +232,24 @@ def diagonal_fisher(
         )
     # A few examples tell what the model outputs.
     probe = tree.map_structure(lambda a: a[:_PROBE_EXAMPLES], first[0])
-    num_classes = _check_outputs(
-        backend.inspect_outputs(model, probe), from_logits
+    num_classes = _outputs.check_outputs(
+        _outputs.describe(model, probe), from_logits
     )
     if mode == "empirical":
         if first[1] is None:
             raise ValueError(_NO_LABELS)
-        if not _is_dataset(data):
-            _class_labels(_to_numpy(y)[:total], num_classes)
+        if not _data.is_iterable_of_batches(data):
+            _data.class_labels(_data.to_numpy(y)[:total], num_classes)
     if mode == "sampled" and seed is None:
         seed = int(np.random.randint(2**31 - 1))
+    generator = np.random.default_rng(seed)
 
-    run = backend.squared_score_sums(
-        model,
-        variables,
-        mode=mode,
-        samples=samples,
-        num_classes=num_classes,
-        from_logits=from_logits,
+    functions = backend.batch_functions(
+        model, variables, _outputs.Outputs(model, from_logits)
     )
+    row_count = _outputs.row_count(mode, samples, num_classes)
     row_chunks = _row_chunks(
-        _rows(mode, samples, num_classes),
-        size,
-        sum(math.prod(v.shape) for v in variables),
+        row_count, size, sum(math.prod(v.shape) for v in variables)
     )
     progbar = None
     if verbose:
@@ -432,16 +258,30 @@ def diagonal_fisher(
         )
     sums = [np.zeros(v.shape, "float64") for v in variables]
     seen = 0
-    for index, (x, y, count) in enumerate(itertools.chain([first], batches)):
-        labels = np.zeros(size, "int32")
+    for x, y, count in itertools.chain([first], batches):
+        labels = None
         if mode == "empirical":
             if y is None:
                 raise ValueError(_NO_LABELS)
-            labels = _pad(_class_labels(y, num_classes), size)
-        x = tree.map_structure(lambda a: _pad(a, size), x)
-        mask = (np.arange(size) < count).astype("float32")
+            labels = _data.pad(_data.class_labels(y, num_classes), size)
+        x = tree.map_structure(lambda a: _data.pad(a, size), x)
+        log_p = None
+        if mode != "empirical":
+            log_p = functions.log_probabilities(x)
+        classes, weights = _outputs.rows(
+            mode,
+            samples,
+            num_classes,
+            count,
+            size,
+            log_p=log_p,
+            labels=labels,
+            generator=generator,
+        )
         for rows in row_chunks:
-            parts = run(x, labels, mask, [seed or 0, index], rows)
+            parts = functions.squared_scores(
+                x, classes[:, rows], weights[:, rows]
+            )
             for total_sum, part in zip(sums, parts, strict=True):
                 total_sum += part
         seen += count
@@ -496,17 +336,6 @@ def _trainable_variables(model):
     return variables
 
 
-def _rows(mode, samples, num_classes):
-    """Backward passes per example: all classes in "exact", and in
-    "sampled" the draws, or the classes (weighted by counts) when there are
-    at least as many draws as classes."""
-    if mode == "exact" or (mode == "sampled" and samples >= num_classes):
-        return num_classes
-    if mode == "sampled":
-        return samples
-    return 1
-
-
 def _row_chunks(rows, size, parameters):
     """Splits the rows so that one call holds at most MAX_GRADIENT_ENTRIES
     per-example gradient entries and MAX_PAIRS (example, row) pairs."""
@@ -518,9 +347,7 @@ def _row_chunks(rows, size, parameters):
             MAX_PAIRS // size,
         ),
     )
-    return np.array_split(
-        np.arange(rows, dtype="int32"), math.ceil(rows / per_call)
-    )
+    return np.array_split(np.arange(rows), math.ceil(rows / per_call))
 
 
 def _averages(variables, sums, count):
@@ -536,24 +363,6 @@ def _averages(variables, sums, count):
             )
         fisher[variable.path] = value
     return fisher
-
-
-def _check_batched(model, dataset):
-    """Raises if a dataset's elements look like single examples."""
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return
-    specs = tree.flatten(_split(dataset.element_spec, "data's elements")[0])
-    if not inputs or len(inputs) != len(specs) or specs[0].shape.rank is None:
-        return
-    if specs[0].shape.rank == len(inputs[0].shape) - 1:
-        raise ValueError(
-            "The tf.data.Dataset in `data` must be batched, as for "
-            "`model.fit`: call `dataset.batch(...)`. Received: elements of "
-            f"shape {tuple(specs[0].shape)} for a model input of shape "
-            f"{tuple(inputs[0].shape)}"
-        )
 
 
 # Saving and loading: a .npz file keyed by variable path.

@@ -1,170 +1,54 @@
+"""`keras_sp.fisher` on every backend: run with KERAS_BACKEND=tensorflow,
+jax or torch. Numbers are checked against the NumPy closed forms and the
+per-example backprop loop of `fisher_reference` (eq. 4 of Li, Grandvalet &
+Davoine: F_jj = 1/m sum_i sum_k f_k(x_i) (d log f_k(x_i) / dw_j)^2)."""
+
 import io
+import json
+import os
 import statistics
+import subprocess
+import sys
 import zipfile
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from fisher_reference import BACKEND
+from fisher_reference import Subclassed
+from fisher_reference import assert_fisher_close
+from fisher_reference import backprop
+from fisher_reference import backprop_signed
+from fisher_reference import closed_form
+from fisher_reference import conv_model
+from fisher_reference import data
+from fisher_reference import dense_model
+from fisher_reference import empirical_from
+from fisher_reference import exact_from
+from fisher_reference import flat
+from fisher_reference import sampled_from
+from fisher_reference import three_modes
 from keras import ops
 
-from keras_sp import _keras_private
 from keras_sp import fisher
 
-# Brute force: a Python loop over examples and classes, one plain
-# GradientTape per (example, class), in inference mode.
+
+def test_closed_form_equals_backprop():
+    # The NumPy closed form is checked once against the backend's autodiff.
+    model = dense_model(4, activation=None)
+    x, _ = data((7,), 3, 4)
+    G, p = closed_form(model, x)
+    G_backprop, p_backprop = backprop(model, x)
+    np.testing.assert_allclose(p_backprop, p, rtol=1e-5)
+    np.testing.assert_allclose(G_backprop, G, rtol=1e-4, atol=1e-9)
 
 
-def squared_scores(model, x, outputs_are_probabilities, training=False):
-    """G[i, k] = (d log f_k(x_i) / dw)^2, flattened over the trainable
-    variables in order, and p[i, k] = f_k(x_i), both float64."""
-    variables = model.trainable_variables
-    rows, probabilities = [], []
-    for i in range(len(x)):
-        with tf.GradientTape(persistent=True) as tape:
-            outputs = model(x[i : i + 1], training=training)
-            if outputs_are_probabilities:
-                log_p = tf.math.log(outputs)[0]
-            else:
-                log_p = tf.nn.log_softmax(outputs)[0]
-            scores = [log_p[k] for k in range(log_p.shape[0])]
-        row = []
-        for score in scores:
-            gradients = tape.gradient(score, variables)
-            row.append(
-                np.concatenate(
-                    [
-                        np.ravel(g.numpy()).astype("float64") ** 2
-                        for g in gradients
-                    ]
-                )
-            )
-        del tape
-        rows.append(row)
-        probabilities.append(np.exp(log_p.numpy().astype("float64")))
-    return np.array(rows), np.array(probabilities)
-
-
-def flat(result, model):
-    return np.concatenate(
-        [
-            np.ravel(result[v.path]).astype("float64")
-            for v in model.trainable_variables
-        ]
-    )
-
-
-def assert_fisher_close(actual, expected, model, rtol=1e-5):
-    """Equal to `rtol` relative, per variable (entries far below a
-    variable's largest one are compared at rtol times that scale)."""
-    start = 0
-    for variable in model.trainable_variables:
-        size = int(np.prod(variable.shape))
-        a = actual[start : start + size]
-        e = expected[start : start + size]
-        scale = np.max(np.abs(e))
-        np.testing.assert_allclose(
-            a, e, rtol=rtol, atol=rtol * 1e-2 * scale, err_msg=variable.path
-        )
-        start += size
-
-
-def dense_model(num_classes=3, activation="softmax", head_scale=3.0):
-    inputs = keras.Input((7,))
-    h = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
-    h = keras.layers.Dropout(0.5, name="dropout")(h)
-    outputs = keras.layers.Dense(
-        num_classes, activation=activation, name="head"
-    )(h)
-    model = keras.Model(inputs, outputs, name="dense_net")
-    kernel = model.get_layer("head").kernel
-    kernel.assign(kernel * head_scale)  # a far-from-uniform prediction
-    return model
-
-
-def conv_model(num_classes=10):
-    """Strided (with uneven "same" padding), dilated, depthwise and 1x1
-    convolutions, with BatchNormalization whose moving statistics differ
-    from any batch's."""
-    inputs = keras.Input((10, 10, 2))
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="conv1")(
-        inputs
-    )
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(
-        5, 3, dilation_rate=2, padding="same", use_bias=False, name="conv2"
-    )(x)
-    x = keras.layers.BatchNormalization(name="bn2")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="valid", name="depthwise")(x)
-    x = keras.layers.Conv2D(6, 1, strides=2, padding="valid", name="conv3")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.3)(x)
-    outputs = keras.layers.Dense(num_classes, name="head")(x)
-    model = keras.Model(inputs, outputs, name="conv_net")
-    rng = np.random.default_rng(5)
-    for name in ("bn1", "bn2"):
-        layer = model.get_layer(name)
-        shape = layer.moving_mean.shape
-        layer.moving_mean.assign(rng.normal(0.0, 0.5, shape))
-        layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
-        layer.gamma.assign(rng.uniform(0.5, 1.5, shape))
-        layer.beta.assign(rng.normal(0.0, 0.3, shape))
-    return model
-
-
-def data(shape, count, num_classes, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(count,) + shape).astype("float32")
-    y = rng.integers(0, num_classes, count)
-    return x, y
-
-
-def exact_from(G, p):
-    return np.einsum("ik,ikj->j", p, G) / len(G)
-
-
-def empirical_from(G, y):
-    return G[np.arange(len(G)), y].mean(axis=0)
-
-
-def recover_counts(G, estimate, samples):
-    """Label counts n[i, k] with estimate = sum_ik n_ik G_ik / (m S).
-
-    Least squares finds the counts; they must be non-negative integers
-    summing to S per example, and reproduce the estimate.
-    """
-    m, K, P = G.shape
-    A = G.reshape(m * K, P).T
-    counts = np.linalg.lstsq(A, estimate * m * samples, rcond=None)[0]
-    counts = counts.reshape(m, K)
-    rounded = np.round(counts)
-    np.testing.assert_allclose(counts, rounded, atol=0.05)
-    assert np.all(rounded >= 0)
-    np.testing.assert_array_equal(rounded.sum(axis=1), samples)
-    return rounded
-
-
-def check_sampled(model, x, G, samples, **kwargs):
-    """A sampled estimate is an average of squared scores of `samples`
-    labels per example: brute force finds the labels' counts."""
-    estimate = flat(
-        fisher.diagonal_fisher(
-            model, x, mode="sampled", samples=samples, **kwargs
-        ),
-        model,
-    )
-    counts = recover_counts(G, estimate, samples)
-    expected = np.einsum("ik,ikj->j", counts, G) / (len(x) * samples)
-    assert_fisher_close(estimate, expected, model)
-
-
-def test_dense_model_every_mode_equals_brute_force():
-    model = dense_model(3)  # a final softmax
+@pytest.mark.parametrize("activation", ["softmax", None])
+def test_dense_model_every_mode_equals_closed_form(activation):
+    model = dense_model(3, activation=activation)
     # 7 examples in batches of 3: the last batch is padded and masked.
     x, y = data((7,), 7, 3)
-    G, p = squared_scores(model, x, outputs_are_probabilities=True)
+    G, p = closed_form(model, x)
     exact = fisher.diagonal_fisher(model, x, mode="exact", batch_size=3)
     assert_fisher_close(flat(exact, model), exact_from(G, p), model)
     empirical = fisher.diagonal_fisher(
@@ -174,20 +58,22 @@ def test_dense_model_every_mode_equals_brute_force():
     # One draw per example; fewer draws than classes (one backward pass per
     # draw); more draws than classes (one per class, weighted by counts).
     for samples in (1, 2, 5):
-        check_sampled(model, x, G, samples, batch_size=3, seed=7)
+        result = fisher.diagonal_fisher(
+            model, x, mode="sampled", samples=samples, batch_size=3, seed=7
+        )
+        expected = sampled_from(G, p, samples, seed=7)
+        assert_fisher_close(flat(result, model), expected, model)
+        assert not np.allclose(expected, exact_from(G, p), rtol=1e-3)
 
 
-def test_conv_batchnorm_model_every_mode_equals_brute_force():
+def test_conv_batchnorm_model_every_mode_equals_backprop():
     model = conv_model(10)
     x, y = data((10, 10, 2), 5, 10)
-    G, p = squared_scores(model, x, outputs_are_probabilities=False)
-    # BatchNormalization's mode matters here: batch statistics differ (on a
-    # copy: training mode updates the moving statistics).
-    twin = keras.models.clone_model(model)
-    twin.set_weights(model.get_weights())
-    G_training, _ = squared_scores(twin, x[:1], False, training=True)
+    G, p = backprop(model, x)
+    # BatchNormalization's mode matters here: batch statistics differ.
+    G_training, _ = backprop(model, x[:2], training=True)
     assert not np.allclose(G_training[0], G[0], rtol=1e-2)
-    before = [np.array(v.numpy()) for v in model.weights]
+    before = [np.array(ops.convert_to_numpy(v)) for v in model.weights]
 
     exact = fisher.diagonal_fisher(model, x, mode="exact", batch_size=3)
     assert_fisher_close(flat(exact, model), exact_from(G, p), model)
@@ -195,21 +81,25 @@ def test_conv_batchnorm_model_every_mode_equals_brute_force():
         model, (x, y), mode="empirical", batch_size=3
     )
     assert_fisher_close(flat(empirical, model), empirical_from(G, y), model)
-    check_sampled(model, x, G, 2, batch_size=3, seed=7)
+    sampled = fisher.diagonal_fisher(
+        model, x, mode="sampled", samples=2, batch_size=3, seed=7
+    )
+    expected = sampled_from(G, p, 2, seed=7)
+    assert_fisher_close(flat(sampled, model), expected, model)
 
     # Weights and BatchNormalization moving statistics are bit-identical.
-    after = [np.array(v.numpy()) for v in model.weights]
+    after = [np.array(ops.convert_to_numpy(v)) for v in model.weights]
     assert len(after) > len(model.trainable_variables)
     for variable, old, new in zip(model.weights, before, after, strict=True):
         np.testing.assert_array_equal(old, new, err_msg=variable.path)
 
 
-def test_exact_in_class_chunks_equals_brute_force(monkeypatch):
+def test_exact_in_class_chunks_equals_closed_form(monkeypatch):
     # At most 2 (example, class) pairs per call: 3 classes in 2 chunks.
     monkeypatch.setattr(fisher, "MAX_PAIRS", 2)
     model = dense_model(3, activation=None)
     x, _ = data((7,), 5, 3, seed=1)
-    G, p = squared_scores(model, x, False)
+    G, p = closed_form(model, x)
     result = fisher.diagonal_fisher(model, x, mode="exact", batch_size=1)
     assert_fisher_close(flat(result, model), exact_from(G, p), model)
 
@@ -217,37 +107,25 @@ def test_exact_in_class_chunks_equals_brute_force(monkeypatch):
 def test_squared_batch_gradient_would_fail():
     model = dense_model(4, activation=None)
     x, y = data((7,), 6, 4, seed=2)
-    G, p = squared_scores(model, x, False)
+    G, p = closed_form(model, x)
     expected = empirical_from(G, y)
     assert_fisher_close(
         flat(fisher.diagonal_fisher(model, (x, y), mode="empirical"), model),
         expected,
         model,
     )
-    # The shortcut: square the gradient of the batch's log-likelihood.
-    with tf.GradientTape() as tape:
-        log_p = tf.nn.log_softmax(model(x, training=False))
-        mean = tf.reduce_mean(tf.gather(log_p, y, batch_dims=1))
-    gradients = tape.gradient(mean, model.trainable_variables)
-    mean_gradient = np.concatenate([np.ravel(g.numpy()) for g in gradients])
-    for shortcut in (mean_gradient**2, len(x) * mean_gradient**2):
+    # The shortcut: square the gradient of the batch's log-likelihood (the
+    # signed per-example gradients come from the closed form's roots).
+    signed = backprop_signed(model, x, y)
+    for shortcut in (signed.mean(0) ** 2, len(x) * signed.mean(0) ** 2):
         with pytest.raises(AssertionError):
             assert_fisher_close(shortcut, expected, model)
-    # For the exact Fisher the shortcut is 0: sum_k f_k d log f_k = d 1 = 0.
-    with tf.GradientTape() as tape:
-        log_p = tf.nn.log_softmax(model(x, training=False))
-        expected_score = tf.reduce_mean(
-            tf.reduce_sum(tf.stop_gradient(tf.exp(log_p)) * log_p, axis=1)
-        )
-    gradients = tape.gradient(expected_score, model.trainable_variables)
-    shortcut = np.concatenate([np.ravel(g.numpy()) ** 2 for g in gradients])
-    assert np.max(shortcut) < 1e-9 * np.max(exact_from(G, p))
 
 
 def test_sampled_approaches_exact_within_its_standard_error():
     model = dense_model(10, activation=None)
     x, _ = data((7,), 24, 10, seed=3)
-    G, p = squared_scores(model, x, False)
+    G, p = closed_form(model, x)
     m = len(x)
     exact = exact_from(G, p)
     # Variance of one draw's squared score, per example and parameter.
@@ -273,14 +151,22 @@ def test_sampled_approaches_exact_within_its_standard_error():
         assert not np.all(np.abs(uniform - exact) <= tolerance)
 
 
-def test_seed_makes_sampled_reproducible():
+def test_seed_makes_sampled_reproducible_for_every_batch_size():
     model = dense_model(4, activation=None, head_scale=0.5)
     x, _ = data((7,), 6, 4)
-    run = lambda seed: flat(  # noqa: E731
-        fisher.diagonal_fisher(model, x, mode="sampled", seed=seed), model
-    )
+
+    def run(seed, batch_size=32):
+        return flat(
+            fisher.diagonal_fisher(
+                model, x, mode="sampled", seed=seed, batch_size=batch_size
+            ),
+            model,
+        )
+
     first = run(3)
     np.testing.assert_array_equal(first, run(3))
+    # The draws of an example do not depend on the batch it falls in.
+    np.testing.assert_allclose(run(3, batch_size=4), first, rtol=1e-6)
     assert not np.allclose(first, run(4))
 
 
@@ -291,36 +177,59 @@ def test_final_softmax_is_detected_and_read_as_logits():
         ops.softmax(logits_model(x, training=False))
     )
     assert np.min(probabilities) == 0.0  # log(f) would be -inf here
-    expected = flat(fisher.diagonal_fisher(logits_model, x), logits_model)
+    G, p = closed_form(logits_model, x)
+    expected = exact_from(G, p)
     assert np.all(np.isfinite(expected)) and np.max(expected) > 0
-    np.testing.assert_array_equal(
+    assert_fisher_close(
+        flat(fisher.diagonal_fisher(logits_model, x), logits_model),
         expected,
-        flat(
-            fisher.diagonal_fisher(logits_model, x, from_logits=True),
-            logits_model,
-        ),
+        logits_model,
     )
+    head = logits_model.get_layer("head")
     dense_softmax = keras.Model(
-        logits_model.inputs,
+        logits_model.input,
         keras.layers.Activation("softmax")(logits_model.outputs[0]),
     )
     softmax_layer = keras.Model(
-        logits_model.inputs, keras.layers.Softmax()(logits_model.outputs[0])
+        logits_model.input, keras.layers.Softmax()(logits_model.outputs[0])
     )
+    nested = keras.Sequential(
+        [
+            keras.Input((7,)),
+            keras.Sequential([logits_model, keras.layers.Softmax()]),
+        ]
+    )
+    head_activation = dense_model(5, activation="softmax", head_scale=60.0)
     for model, from_logits in (
         (dense_softmax, None),
         (dense_softmax, False),
         (softmax_layer, None),
+        (nested, None),
+        (head_activation, None),
+        (head_activation, False),
     ):
         result = fisher.diagonal_fisher(model, x, from_logits=from_logits)
         assert_fisher_close(flat(result, model), expected, model)
+    # The softmax is back in place afterwards.
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head_activation(x, training=False)),
+        probabilities,
+        atol=1e-6,
+    )
+    assert head.activation is keras.activations.linear
+    # With from_logits=True the softmax outputs are taken as logits.
+    result = flat(
+        fisher.diagonal_fisher(dense_softmax, x, from_logits=True),
+        dense_softmax,
+    )
+    assert not np.allclose(result, expected, rtol=1e-2)
 
 
 def test_probabilities_without_softmax():
     logits_model = dense_model(4, activation=None)
     x, _ = data((7,), 6, 4)
     manual = keras.Model(
-        logits_model.inputs,
+        logits_model.input,
         keras.layers.Lambda(
             lambda z: ops.exp(z) / ops.sum(ops.exp(z), axis=-1, keepdims=True)
         )(logits_model.outputs[0]),
@@ -329,63 +238,12 @@ def test_probabilities_without_softmax():
         ValueError, match="look like probabilities.*from_logits=None"
     ):
         fisher.diagonal_fisher(manual, x)
-    expected = flat(fisher.diagonal_fisher(logits_model, x), logits_model)
+    G, p = closed_form(logits_model, x)
     result = flat(fisher.diagonal_fisher(manual, x, from_logits=False), manual)
     # log of float32 probabilities instead of a log-softmax: ~1e-6 apart.
-    assert_fisher_close(result, expected, manual, rtol=1e-4)
+    assert_fisher_close(result, exact_from(G, p), manual, rtol=1e-4)
     with pytest.raises(ValueError, match="not.*Received: from_logits=False"):
         fisher.diagonal_fisher(logits_model, x, from_logits=False)
-
-
-def test_data_forms_agree():
-    model = dense_model(3, activation=None)
-    x, y = data((7,), 7, 3)
-    G, p = squared_scores(model, x, False)
-    expected = exact_from(G, p)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    for form in (
-        x,
-        (x,),
-        (x, y),
-        tf.convert_to_tensor(x),
-        dataset,
-        dataset.map(lambda a, b: a),
-        tf.data.Dataset.from_tensor_slices(x).batch(2),
-    ):
-        result = fisher.diagonal_fisher(model, form, batch_size=3)
-        assert_fisher_close(flat(result, model), expected, model)
-    first_five = exact_from(G[:5], p[:5])
-    for form in (x, dataset):
-        result = fisher.diagonal_fisher(
-            model, form, batch_size=3, max_examples=5
-        )
-        assert_fisher_close(flat(result, model), first_five, model)
-    one_hot = np.eye(3)[y]
-    assert_fisher_close(
-        flat(
-            fisher.diagonal_fisher(model, (x, one_hot), mode="empirical"), model
-        ),
-        empirical_from(G, y),
-        model,
-    )
-
-
-def test_several_inputs_as_a_dict():
-    a = keras.Input((3,), name="a")
-    b = keras.Input((2,), name="b")
-    h = keras.layers.Concatenate()([a, b])
-    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(h))
-    rng = np.random.default_rng(0)
-    x = {
-        "a": rng.normal(size=(5, 3)).astype("float32"),
-        "b": rng.normal(size=(5, 2)).astype("float32"),
-    }
-    result = flat(fisher.diagonal_fisher(model, x, batch_size=2), model)
-    concatenated = np.concatenate([x["a"], x["b"]], axis=1)
-    twin = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
-    twin.set_weights(model.get_weights())
-    G, p = squared_scores(twin, concatenated, False)
-    assert_fisher_close(result, exact_from(G, p), model)
 
 
 def test_progress_bar(capsys):
@@ -467,85 +325,115 @@ def test_file_that_does_not_match_the_model(tmp_path):
         fisher.load(tmp_path / "missing.npz")
 
 
-def test_bad_inputs():
-    model = dense_model(3, activation=None)
-    x, y = data((7,), 4, 3)
-    empty = np.zeros((0, 7), "float32")
-    cases = [
-        (dict(data=empty), "empty"),
-        (dict(data=(empty, np.zeros(0))), "empty"),
-        (
-            dict(data=tf.data.Dataset.from_tensor_slices(empty).batch(2)),
-            "empty",
-        ),
-        (dict(data=x, mode="empirical"), "labels.*data without labels"),
-        (dict(data=(x,), mode="empirical"), "data without labels"),
-        (
-            dict(data=(x, np.array([0, 1, 3, 2])), mode="empirical"),
-            r"\[0, 3\).*3",
-        ),
-        (dict(data=(x, np.array([0, -1, 2, 2])), mode="empirical"), "-1"),
-        (dict(data=(x, y + 0.5), mode="empirical"), "integer"),
-        (dict(data=(x, np.full((4, 3), 1 / 3)), mode="empirical"), "one-hot"),
-        (dict(data=(x, y[:3])), "same number of examples"),
-        (dict(data=(x, y, np.ones(4))), "sample weights"),
-        (dict(data=tf.data.Dataset.from_tensor_slices(x)), "must be batched"),
-        (dict(data=x, mode="sampled", samples=0), "samples=0"),
-        (dict(data=x, mode="sampled", samples=1.5), "samples=1.5"),
-        (dict(data=x, mode="fisher"), "mode='fisher'"),
-        (dict(data=x, from_logits="yes"), "from_logits='yes'"),
-        (dict(data=x, batch_size=0), "batch_size=0"),
-        (dict(data=x, max_examples=0), "max_examples=0"),
-        (dict(data=x, verbose=3), "verbose=3"),
-    ]
-    for arguments, message in cases:
-        with pytest.raises(ValueError, match=message):
-            fisher.diagonal_fisher(model, **arguments)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y + 3)).batch(2)
-    with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        fisher.diagonal_fisher(model, dataset, mode="empirical")
-
-
-def test_models_that_are_not_one_classifier(monkeypatch):
-    x, _ = data((7,), 4, 3)
-    inputs = keras.Input((7,))
-    two_outputs = keras.Model(
-        inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(2)(inputs)]
+def test_subclassed_model_equals_closed_form():
+    model = Subclassed()
+    model(np.zeros((1, 7), "float32"))
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(7, 3)), rng.normal(size=3)]
+    model.set_weights(weights)
+    x, y = data((7,), 5, 3)
+    z = x.astype("float64") @ weights[0] + weights[1]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    # Softmax regression: d log f_k / dW = x (e_k - p)^T, d / db = e_k - p.
+    G = np.array(
+        [
+            [
+                np.concatenate(
+                    [
+                        np.outer(x[i], np.eye(3)[k] - p[i]).ravel(),
+                        np.eye(3)[k] - p[i],
+                    ]
+                )
+                ** 2
+                for k in range(3)
+            ]
+            for i in range(len(x))
+        ]
     )
-    one_unit = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    sequence = keras.Model(
-        inputs, keras.layers.Reshape((7, 1))(keras.layers.Dense(7)(inputs))
-    )
-    sigmoid = keras.Model(
-        inputs, keras.layers.Dense(3, activation="sigmoid")(inputs)
-    )
-    frozen = keras.Model(inputs, keras.layers.Dense(3, trainable=False)(inputs))
-    for model, message in (
-        (two_outputs, "one output.*2 outputs"),
-        (one_unit, r"shape \(4, 1\)"),
-        (sequence, r"shape \(4, 7, 1\)"),
-        (sigmoid, "sigmoid"),
-        (frozen, "no trainable variables"),
-        (keras.Sequential([keras.layers.Dense(3)]), "not built"),
-        ("model.keras", "keras.Model"),
+    for mode, expected in (
+        ("exact", exact_from(G, p)),
+        ("empirical", empirical_from(G, y)),
+        ("sampled", sampled_from(G, p, 3, seed=2)),
     ):
-        with pytest.raises(ValueError, match=message):
-            fisher.diagonal_fisher(model, x)
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ValueError, match="TensorFlow.*backend='jax'"):
-        fisher.diagonal_fisher(one_unit, x)
+        result = fisher.diagonal_fisher(
+            model, (x, y), mode=mode, samples=3, seed=2, batch_size=2
+        )
+        assert_fisher_close(flat(result, model), expected, model)
 
 
-def test_keras_records_the_logits_of_a_softmax():
-    # `_keras_private.keras_logits` relies on this (traced tensors only).
-    found = []
+_ON_BACKEND = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import fisher_reference
+print(json.dumps(fisher_reference.three_modes()))
+"""
 
-    @tf.function
-    def call(logits):
-        probabilities = keras.activations.softmax(logits)
-        found.append(_keras_private.keras_logits(probabilities) is logits)
-        return probabilities
 
-    call(tf.ones((1, 3)))
-    assert found == [True]
-    assert _keras_private.keras_logits(tf.ones((1, 3))) is None
+def three_modes_on(backend):
+    """`three_modes()` computed in a subprocess running `backend`."""
+    environment = dict(os.environ, KERAS_BACKEND=backend)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(fisher.__file__))]
+        + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    )
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ON_BACKEND.format(tests=os.path.dirname(__file__)),
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def test_every_backend_gives_the_same_fisher():
+    # The same weights, data and seed on TensorFlow, JAX and PyTorch: the
+    # same Fisher in every mode (the sampled labels are drawn on the host).
+    # This backend runs here, the two others in subprocesses.
+    results = {BACKEND: three_modes()}
+    for backend in ("tensorflow", "jax", "torch"):
+        if backend != BACKEND:
+            results[backend] = three_modes_on(backend)
+    model = conv_model(10)
+    for mode in ("exact", "sampled", "empirical"):
+        reference = np.array(results[BACKEND][mode])
+        assert np.max(reference) > 0
+        for backend, result in results.items():
+            assert_fisher_close(
+                np.array(result[mode]), reference, model, what=backend
+            )
+    exact = np.array(results[BACKEND]["exact"])
+    assert not np.allclose(np.array(results[BACKEND]["sampled"]), exact)
+
+
+@pytest.mark.skipif(
+    BACKEND != "torch", reason="the per-example loop is PyTorch's fallback"
+)
+def test_torch_falls_back_to_a_loop_when_torch_func_fails(monkeypatch):
+    from keras_sp import _fisher_torch
+
+    def fail(*arguments):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(_fisher_torch._Functions, "_vectorised_sums", fail)
+    model = dense_model(3, activation=None, seed=4)
+    x, y = data((7,), 5, 3)
+    G, p = closed_form(model, x)
+    with pytest.warns(RuntimeWarning, match="no batching rule.*loop"):
+        exact = fisher.diagonal_fisher(model, x, batch_size=2)
+    assert_fisher_close(flat(exact, model), exact_from(G, p), model)
+    for mode, expected in (
+        ("empirical", empirical_from(G, y)),
+        ("sampled", sampled_from(G, p, 2, seed=1)),
+    ):
+        result = fisher.diagonal_fisher(
+            model, (x, y), mode=mode, samples=2, seed=1, batch_size=2
+        )
+        assert_fisher_close(flat(result, model), expected, model)
