@@ -308,7 +308,14 @@ def freeze_first(model, n):
     after the first `n` units becomes trainable, so call `freeze_batchnorm`
     afterwards to keep BatchNormalization frozen there too. On a compiled
     model the change takes effect at the next training step, also from a
-    callback in the middle of `fit`.
+    callback in the middle of `fit`, on every backend: a built optimizer is
+    rebuilt in place for exactly `model.trainable_variables` (the object
+    given to `compile` stays `model.optimizer`); its step count and the
+    slots (momenta, Adam's m and v) of variables that stay trainable are
+    kept bit for bit, the slots of newly trainable variables start at
+    zero. Optimizers that wrap others (`LossScaleOptimizer`,
+    `MultiOptimizer`) are replaced by a rebuilt copy instead, with a
+    warning once per model.
 
     Args:
         model: a built `keras.Model`.
@@ -345,7 +352,8 @@ def unfreeze(model):
     """Makes every layer trainable, BatchNormalization in training mode too.
 
     Undoes `freeze_first` and `freeze_batchnorm`. On a compiled model the
-    change takes effect at the next training step.
+    change takes effect at the next training step; the optimizer is
+    rebuilt as `freeze_first` describes.
 
     Args:
         model: a `keras.Model`.
