@@ -258,7 +258,7 @@ def _warn_replaced(model, optimizer):
         "rebuilt copy with the same configuration and state (carried over "
         "by variable name), and the object passed to `compile` no longer "
         "trains the model. (Said once per model.)",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
