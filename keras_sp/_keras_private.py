@@ -4,6 +4,7 @@ Each helper says why public Keras is not enough. `tests/keras_private_test.py`
 fails if a Keras release changes what these helpers rely on.
 """
 
+import keras
 from keras.src.models.functional import Functional
 from keras.src.saving.keras_saveable import KerasSaveable
 
@@ -16,6 +17,9 @@ __all__ = [
     "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
+    "rebuild_optimizer",
+    "rebuilds_in_place",
+    "sync_training_state",
 ]
 
 # `keras.saving` walks a model's attributes and saves the variables of every
@@ -71,6 +75,131 @@ def optimizer_variables(optimizer):
     others afterwards; public Keras does not expose that list.
     """
     return list(optimizer._trainable_variables)
+
+
+def rebuilds_in_place(optimizer):
+    """Whether `rebuild_optimizer` can rebuild `optimizer` in place.
+
+    Optimizers that wrap others (`LossScaleOptimizer`, `MultiOptimizer`)
+    keep their state in the optimizers they wrap.
+    """
+    return isinstance(optimizer, keras.optimizers.Optimizer) and not isinstance(
+        optimizer,
+        (keras.optimizers.LossScaleOptimizer, keras.optimizers.MultiOptimizer),
+    )
+
+
+def _build_recording_references(optimizer, variables):
+    """Builds `optimizer` for `variables`; returns `(reference, variable)` for
+    every variable the build made with `add_variable_from_reference`."""
+    made = []
+    original = optimizer.add_variable_from_reference
+
+    def add_variable_from_reference(reference_variable, *args, **kwargs):
+        variable = original(reference_variable, *args, **kwargs)
+        made.append((reference_variable, variable))
+        return variable
+
+    # Set on the instance without the optimizer's attribute tracking.
+    optimizer.__dict__["add_variable_from_reference"] = (
+        add_variable_from_reference
+    )
+    try:
+        optimizer.build(variables)
+    finally:
+        del optimizer.__dict__["add_variable_from_reference"]
+    return made
+
+
+def _same_kind(a, b):
+    return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+
+
+def rebuild_optimizer(optimizer, variables):
+    """Rebuilds a built optimizer, in place, for exactly `variables`.
+
+    The optimizer object, its `iterations` and its learning rate stay. Every
+    variable its `build` made is dropped and made again for `variables`, in
+    their order (JAX's stateless step needs one set of slots per trainable
+    variable, in the model's order). A slot made for a model variable the
+    optimizer already updated (SGD's momentum, Adam's m and v...) takes the
+    value of the old slot of that same variable (same object) and kind;
+    slots of variables it did not update start at their initial value
+    (zero). A variable `build` made without a reference variable takes the
+    value of the old one of the same name when that name is unique.
+
+    Keras optimizers are built once and offer no public way to change the
+    variables they update; this relies on `_variables`,
+    `_trainable_variables`, `_trainable_variables_indices`, `_iterations`,
+    `_learning_rate`, `_untrack_variable` and on the slot name
+    `add_variable_from_reference` gives (`{path with "_"}_{name}`).
+    """
+    old_references = list(optimizer._trainable_variables)
+    kept = {id(optimizer._iterations), id(optimizer._learning_rate)}
+    old_made = [v for v in optimizer._variables if id(v) not in kept]
+    old_attributes = {
+        name: value
+        for name, value in vars(optimizer).items()
+        if isinstance(value, keras.Variable) and id(value) not in kept
+    }
+    for variable in old_made:
+        optimizer._untrack_variable(variable)
+    optimizer._trainable_variables = []
+    optimizer._trainable_variables_indices = {}
+    optimizer.built = False
+    made = _build_recording_references(optimizer, list(variables))
+
+    # An old slot is found by its name; when several model variables share
+    # a path, by the rank of its variable among them (build order).
+    old_by_name = {}
+    for variable in old_made:
+        old_by_name.setdefault(variable.name, []).append(variable)
+    old_ids = {id(v) for v in old_references}
+    for reference, variable in made:
+        if id(reference) not in old_ids:
+            continue
+        twins = [id(v) for v in old_references if v.path == reference.path]
+        candidates = old_by_name.get(variable.name, [])
+        if len(candidates) != len(twins):
+            continue
+        old = candidates[twins.index(id(reference))]
+        if _same_kind(old, variable):
+            variable.assign(old.value)
+    made_ids = {id(v) for _, v in made}
+    for variable in optimizer._variables:
+        if id(variable) in kept or id(variable) in made_ids:
+            continue
+        same_name = [v for v in optimizer._variables if v.name == variable.name]
+        candidates = old_by_name.get(variable.name, [])
+        if len(same_name) == 1 and len(candidates) == 1:
+            if _same_kind(candidates[0], variable):
+                variable.assign(candidates[0].value)
+    for name, value in vars(optimizer).items():
+        old = old_attributes.get(name)
+        if (
+            isinstance(value, keras.Variable)
+            and old is not None
+            and old is not value
+            and id(value) not in made_ids
+            and _same_kind(old, value)
+        ):
+            value.assign(old.value)
+
+
+def sync_training_state(model):
+    """Writes the state a JAX `fit` holds outside the variables back into
+    them.
+
+    In the middle of an epoch, JAX's `fit` keeps the trainable, optimizer
+    and other variables' values in a state it passes from step to step
+    (the variables themselves hold none); the state is matched to
+    `model.trainable_variables` by position, so it must be written back
+    before any `trainable` flag changes. The next step then reads the new
+    state from the variables. No-op on other backends.
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
 
 
 def acknowledge_trainable_state(model):

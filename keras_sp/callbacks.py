@@ -147,7 +147,9 @@ class FreezeUnits(keras.callbacks.Callback):
     At the start of training, calls `keras_sp.freeze_first(model, n)`: the
     first `n` units of `keras_sp.depth_units(model)` get `trainable=False`
     (weights and BatchNormalization statistics unchanged), the others train.
-    The change takes effect at the first step.
+    The change takes effect at the first step, on every backend: the
+    optimizer given to `compile` is rebuilt in place for exactly the
+    trainable variables (see `keras_sp.freeze_first`).
 
     Args:
         n: int, how many depth units to freeze.
@@ -179,7 +181,11 @@ class UnfreezeSchedule(keras.callbacks.Callback):
     first depth units kept frozen from that epoch on; the others train. At
     the start of each epoch listed, calls `keras_sp.freeze_first(model, n)`,
     which takes effect at that epoch's first step. Before the first epoch
-    listed, the model trains as it was given.
+    listed, the model trains as it was given. At each change the optimizer
+    given to `compile` is rebuilt in place for exactly the trainable
+    variables: the step count and the slots (momenta, Adam's m and v) of
+    the variables that stay trainable carry over unchanged, the slots of
+    newly unfrozen variables start at zero.
 
     Args:
         schedule: dict `{epoch: n}` with integer epochs >= 0 and integer

@@ -13,6 +13,8 @@ References:
 """
 
 import re
+import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -218,38 +220,75 @@ def _check_n(n, count, model_name):
 
 
 def _rebuilt_optimizer(optimizer, variables):
-    """A copy of `optimizer` built for `variables`, with the state it had
-    (step count, momenta...) carried over for the variables it knew."""
+    """A new optimizer of the same config built for `variables`, with the
+    state it had (step count, momenta...) carried over by variable name.
+
+    Names that occur several times (a wrapper's and its inner optimizer's
+    `iteration`) are matched in order of occurrence when the old and the
+    new optimizer have as many of them.
+    """
     rebuilt = optimizer.__class__.from_config(optimizer.get_config())
     rebuilt.build(variables)
-    state = {variable.name: variable for variable in optimizer.variables}
-    for variable in rebuilt.variables:
-        previous = state.get(variable.name)
-        if previous is not None and tuple(previous.shape) == tuple(
-            variable.shape
-        ):
-            variable.assign(previous)
+    old, new = {}, {}
+    for state, source in ((old, optimizer), (new, rebuilt)):
+        for variable in source.variables:
+            state.setdefault(variable.name, []).append(variable)
+    for name, made in new.items():
+        previous = old.get(name, [])
+        if len(previous) != len(made):
+            continue
+        for variable, value in zip(made, previous, strict=True):
+            if tuple(value.shape) == tuple(variable.shape):
+                variable.assign(value.value)
     return rebuilt
+
+
+# Models whose optimizer keras-sp had to replace, each warned about once.
+_REPLACED = weakref.WeakSet()
+
+
+def _warn_replaced(model, optimizer):
+    if model in _REPLACED:
+        return
+    _REPLACED.add(model)
+    warnings.warn(
+        f"keras-sp cannot rebuild an optimizer of type "
+        f"{type(optimizer).__name__} in place for the new set of trainable "
+        f"variables of model {model.name!r}: `model.optimizer` is now a "
+        "rebuilt copy with the same configuration and state (carried over "
+        "by variable name), and the object passed to `compile` no longer "
+        "trains the model. (Said once per model.)",
+        stacklevel=4,
+    )
 
 
 def _apply_trainable_change(model):
     """Makes a change of `trainable` flags take effect at the next step.
 
-    For a compiled model: an optimizer built for fewer variables than are
-    now trainable is replaced by a copy built for all of them that keeps its
-    state; the train function is rebuilt (it captured the list of trainable
-    variables when it was traced).
+    For a compiled model whose optimizer is built: the optimizer is rebuilt
+    for exactly `model.trainable_variables`, in their order, as every
+    backend needs (JAX's stateless step takes one set of optimizer slots per
+    trainable variable). The user's optimizer object is rebuilt in place:
+    the step count and the slots (momenta, Adam's m and v...) of variables
+    that stay trainable are kept exactly, the slots of newly trainable
+    variables start at zero. Optimizers that wrap others
+    (`LossScaleOptimizer`, `MultiOptimizer`) are replaced by a rebuilt copy
+    instead, with a warning. The train function is rebuilt (it captured the
+    list of trainable variables when it was traced).
     """
     if not getattr(model, "compiled", False):
         return
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and optimizer.built:
+        variables = model.trainable_variables
         tracked = _keras_private.optimizer_variables(optimizer)
-        known = {id(variable) for variable in tracked}
-        added = [v for v in model.trainable_variables if id(v) not in known]
-        if added:
-            model.optimizer = _rebuilt_optimizer(optimizer, tracked + added)
-    if model.train_function is not None:
+        if list(map(id, tracked)) != list(map(id, variables)):
+            if _keras_private.rebuilds_in_place(optimizer):
+                _keras_private.rebuild_optimizer(optimizer, variables)
+            else:
+                model.optimizer = _rebuilt_optimizer(optimizer, variables)
+                _warn_replaced(model, optimizer)
+    if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     _keras_private.acknowledge_trainable_state(model)
 
@@ -269,7 +308,14 @@ def freeze_first(model, n):
     after the first `n` units becomes trainable, so call `freeze_batchnorm`
     afterwards to keep BatchNormalization frozen there too. On a compiled
     model the change takes effect at the next training step, also from a
-    callback in the middle of `fit`.
+    callback in the middle of `fit`, on every backend: a built optimizer is
+    rebuilt in place for exactly `model.trainable_variables` (the object
+    given to `compile` stays `model.optimizer`); its step count and the
+    slots (momenta, Adam's m and v) of variables that stay trainable are
+    kept bit for bit, the slots of newly trainable variables start at
+    zero. Optimizers that wrap others (`LossScaleOptimizer`,
+    `MultiOptimizer`) are replaced by a rebuilt copy instead, with a
+    warning once per model.
 
     Args:
         model: a built `keras.Model`.
@@ -293,6 +339,7 @@ def freeze_first(model, n):
     """
     units = depth_units(model)
     n = _check_n(n, len(units), model.name)
+    _keras_private.sync_training_state(model)
     _make_trainable(model)
     for unit in units[:n]:
         for layer in unit:
@@ -305,7 +352,8 @@ def unfreeze(model):
     """Makes every layer trainable, BatchNormalization in training mode too.
 
     Undoes `freeze_first` and `freeze_batchnorm`. On a compiled model the
-    change takes effect at the next training step.
+    change takes effect at the next training step; the optimizer is
+    rebuilt as `freeze_first` describes.
 
     Args:
         model: a `keras.Model`.
@@ -321,6 +369,7 @@ def unfreeze(model):
     >>> model.layers[0].trainable
     True
     """
+    _keras_private.sync_training_state(model)
     _make_trainable(model)
     for layer in _keras_private.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -384,6 +433,7 @@ def freeze_batchnorm(model, train_gamma_beta=False):
             "`train_gamma_beta` must be True or False. Received: "
             f"train_gamma_beta={train_gamma_beta!r}"
         )
+    _keras_private.sync_training_state(model)
     for layer in _keras_private.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             if train_gamma_beta:

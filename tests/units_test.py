@@ -1,122 +1,21 @@
 import re
 import warnings
 
+import freezing_reference
 import keras
 import numpy as np
 import pytest
 
+from keras_sp import _keras_private
 from keras_sp.units import copy_units
 from keras_sp.units import depth_units
 from keras_sp.units import freeze_batchnorm
 from keras_sp.units import freeze_first
 from keras_sp.units import unfreeze
 
-# Residual blocks per stage (He et al. 2016, Table 1).
-RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-SHAPE = (32, 32, 3)
-
-
-@pytest.fixture(scope="class")
-def applications():
-    """Each keras.applications model once per module (they are slow)."""
-    models = {}
-    for depth in RESNET_BLOCKS:
-        for suffix in ("", "V2"):
-            name = f"ResNet{depth}{suffix}"
-            models[name] = getattr(keras.applications, name)(
-                weights=None, include_top=False, input_shape=SHAPE
-            )
-    models["MobileNet"] = keras.applications.MobileNet(
-        weights=None, input_shape=SHAPE, classes=7
-    )
-    models["VGG16"] = keras.applications.VGG16(
-        weights=None, input_shape=SHAPE, classes=7
-    )
-    return models
-
 
 def names(unit):
     return [layer.name for layer in unit]
-
-
-def weighted_layers(model):
-    return [layer for layer in model.layers if layer.weights]
-
-
-class TestApplications:
-    """keras.applications models, built once for this class."""
-
-    @pytest.mark.parametrize("depth", sorted(RESNET_BLOCKS))
-    @pytest.mark.parametrize("suffix", ["", "V2"])
-    def test_resnet_stem_plus_one_unit_per_residual_block(
-        self, applications, depth, suffix
-    ):
-        model = applications[f"ResNet{depth}{suffix}"]
-        units = depth_units(model)
-        blocks = [
-            f"conv{stage}_block{block}"
-            for stage, count in enumerate(RESNET_BLOCKS[depth], start=2)
-            for block in range(1, count + 1)
-        ]
-        assert len(units) == 1 + len(blocks)
-        stem = ["conv1_conv"] if suffix else ["conv1_conv", "conv1_bn"]
-        assert names(units[0]) == stem
-        for unit, block in zip(units[1:], blocks, strict=True):
-            extra = ["post_bn"] if suffix and block == blocks[-1] else []
-            assert (
-                all(name.startswith(block + "_") for name in names(unit))
-                or names(unit)[-1:] == extra
-            )
-            expected = sorted(
-                layer.name
-                for layer in weighted_layers(model)
-                if layer.name.startswith(block + "_")
-            )
-            assert sorted(n for n in names(unit) if n not in extra) == expected
-        flat = [layer for unit in units for layer in unit]
-        assert (
-            len(flat) == len(weighted_layers(model)) == len(set(map(id, flat)))
-        )
-
-    def test_resnet101_has_34_units_and_a_new_head_is_the_35th(
-        self, applications
-    ):
-        backbone = applications["ResNet101"]
-        head = keras.layers.Dense(3, name="new_head")
-        model = keras.Sequential([keras.Input(SHAPE), backbone, head])
-        units = depth_units(model)
-        assert len(depth_units(backbone)) == 34
-        assert len(units) == 35
-        assert units[-1] == [head]
-        assert names(units[0]) == ["conv1_conv", "conv1_bn"]
-
-    def test_mobilenet_stem_then_depthwise_pointwise_pairs(self, applications):
-        model = applications["MobileNet"]
-        units = depth_units(model)
-        pairs = sum(
-            bool(re.fullmatch(r"conv_dw_\d+", layer.name))
-            for layer in model.layers
-        )
-        assert len(units) == 1 + pairs + 1
-        assert names(units[0]) == ["conv1", "conv1_bn"]
-        for i, unit in enumerate(units[1:-1], start=1):
-            assert sorted(names(unit)) == sorted(
-                [
-                    f"conv_dw_{i}",
-                    f"conv_dw_{i}_bn",
-                    f"conv_pw_{i}",
-                    f"conv_pw_{i}_bn",
-                ]
-            )
-        assert names(units[-1]) == ["conv_preds"]
-
-    def test_vgg16_one_unit_per_convolution_and_dense_layer(self, applications):
-        model = applications["VGG16"]
-        units = depth_units(model)
-        expected = [[layer.name] for layer in weighted_layers(model)]
-        assert [names(unit) for unit in units] == expected
-        convolutions = [u for u in expected if "conv" in u[0]]
-        assert len(convolutions) == 13 and len(units) == 16
 
 
 def branchy_model():
@@ -267,17 +166,21 @@ def compiled(model, optimizer=None):
     return model
 
 
+def numpy(value):
+    return keras.ops.convert_to_numpy(value).copy()
+
+
 def snapshot(layers):
-    return [w.numpy().copy() for layer in layers for w in layer.weights]
+    return [numpy(w) for layer in layers for w in layer.weights]
 
 
 def same(before, layers):
-    after = [w.numpy() for layer in layers for w in layer.weights]
+    after = snapshot(layers)
     return all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def changed(before, layers):
-    after = [w.numpy() for layer in layers for w in layer.weights]
+    after = snapshot(layers)
     return all(
         not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
     )
@@ -292,37 +195,140 @@ def test_freezing_a_compiled_model_takes_effect_at_the_next_step():
     freeze_first(model, 1)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert same(before, frozen)
-
-    # Without rebuilding the train function, Keras keeps training the layer.
+    if keras.backend.backend() != "tensorflow":
+        return
+    # Without rebuilding the traced train function, TensorFlow keeps
+    # training the layer.
     control = compiled(small_model())
     control.fit(x, y, batch_size=8, epochs=1, verbose=0)
     layer = control.get_layer("conv1")
-    kernel = layer.kernel.numpy().copy()
+    kernel = numpy(layer.kernel)
     layer.trainable = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         control.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert not np.array_equal(kernel, layer.kernel.numpy())
+    assert not np.array_equal(kernel, numpy(layer.kernel))
 
 
-def test_unfreezing_extends_the_optimizer_and_keeps_its_state():
+def optimizer_slots(optimizer):
+    return {v.name: numpy(v) for v in optimizer.variables}
+
+
+def test_unfreezing_rebuilds_the_same_optimizer_and_keeps_its_state():
     x, y = data()
-    model = compiled(small_model())
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    model = compiled(small_model(), optimizer)
     freeze_first(model, 2)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    old = model.optimizer
-    momentum = {v.name: v.numpy().copy() for v in old.variables}
+    momentum = optimizer_slots(optimizer)
     unfreeze(model)
-    assert model.optimizer is not old
-    carried = {v.name: v.numpy() for v in model.optimizer.variables}
+    assert model.optimizer is optimizer
+    tracked = _keras_private.optimizer_variables(optimizer)
+    assert list(map(id, tracked)) == list(map(id, model.trainable_variables))
+    carried = optimizer_slots(optimizer)
     for name, value in momentum.items():
         np.testing.assert_array_equal(carried[name], value)
-    assert len(carried) > len(momentum)
+    added = set(carried) - set(momentum)
+    assert len(added) == len(model.trainable_variables) - (len(momentum) - 2)
+    for name in added:
+        assert not np.any(carried[name]), name
+    assert int(numpy(optimizer.iterations)) == 2
     bottom = [model.get_layer(name) for name in ("conv1", "conv2")]
     before = snapshot(bottom)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert changed(before, bottom)
-    assert int(model.optimizer.iterations.numpy()) == 4
+    assert int(numpy(optimizer.iterations)) == 4
+
+
+def test_freeze_first_after_the_optimizer_is_built_steps_like_numpy():
+    """A step, freeze the first unit, a step: the frozen unit is
+    bit-identical and the head takes an SGD step with its momentum."""
+    x, y = freezing_reference.linear_data()
+    model = freezing_reference.linear_model()
+    optimizer = model.optimizer
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    head = model.get_layer("head")
+    momenta = {
+        v.path: freezing_reference.slot(optimizer, v) for v in head.weights
+    }
+    assert all(np.any(m) for m in momenta.values())
+    freeze_first(model, 1)
+    assert model.optimizer is optimizer
+    tracked = _keras_private.optimizer_variables(optimizer)
+    assert list(map(id, tracked)) == list(map(id, head.weights))
+    assert len(optimizer.variables) == 2 + 2
+    for variable in head.weights:
+        np.testing.assert_array_equal(
+            freezing_reference.slot(optimizer, variable), momenta[variable.path]
+        )
+    weights = freezing_reference.values(model)
+    grads = freezing_reference.gradients(weights, x, y)
+    expected, _ = freezing_reference.sgd_step(
+        weights, momenta, grads, trained=["head/kernel", "head/bias"]
+    )
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    freezing_reference.assert_weights(
+        model, expected, frozen=["fc/kernel", "fc/bias"]
+    )
+    assert int(numpy(optimizer.iterations)) == 2
+
+
+def test_fit_after_unfreeze_starts_new_momenta_at_zero():
+    """Head only for a step, then everything: fc's momentum starts at 0,
+    the head's carries over (Keras SGD: m <- 0.9 m - 0.1 g, w <- w + m)."""
+    x, y = freezing_reference.linear_data()
+    model = freeze_first(freezing_reference.linear_model(), 1)
+    optimizer = model.optimizer
+    weights = freezing_reference.values(model)
+    grads = freezing_reference.gradients(weights, x, y)
+    head = ["head/kernel", "head/bias"]
+    expected, momenta = freezing_reference.sgd_step(
+        weights, {}, grads, trained=head
+    )
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    freezing_reference.assert_weights(
+        model, expected, frozen=["fc/kernel", "fc/bias"]
+    )
+    unfreeze(model)
+    assert model.optimizer is optimizer
+    for variable in model.get_layer("fc").weights:
+        assert not np.any(freezing_reference.slot(optimizer, variable))
+    weights = freezing_reference.values(model)
+    grads = freezing_reference.gradients(weights, x, y)
+    expected, _ = freezing_reference.sgd_step(
+        weights, momenta, grads, trained=list(grads)
+    )
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    freezing_reference.assert_weights(model, expected, frozen=[])
+    assert int(numpy(optimizer.iterations)) == 2
+
+
+def test_a_wrapping_optimizer_is_replaced_with_one_warning():
+    """LossScaleOptimizer keeps its state in the optimizer it wraps: it is
+    replaced by a rebuilt copy, which keeps the step count, and the
+    replacement is said once."""
+    x, y = freezing_reference.linear_data()
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9)
+    )
+    model = freezing_reference.linear_model(optimizer)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    with pytest.warns(UserWarning, match="LossScaleOptimizer in place"):
+        freeze_first(model, 1)
+    assert model.optimizer is not optimizer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unfreeze(model)
+    assert not [w for w in caught if "keras-sp" in str(w.message)]
+    rebuilt = model.optimizer
+    assert isinstance(rebuilt, keras.optimizers.LossScaleOptimizer)
+    tracked = _keras_private.optimizer_variables(rebuilt)
+    assert list(map(id, tracked)) == list(map(id, model.trainable_variables))
+    assert int(numpy(rebuilt.iterations)) == 1
+    fc = snapshot([model.get_layer("fc")])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert changed(fc, [model.get_layer("fc")])
+    assert int(numpy(rebuilt.iterations)) == 2
 
 
 def frozen_bn_backbone():
@@ -346,8 +352,8 @@ def test_documented_training_false_pattern_lets_fit_change_bn_statistics():
     model, bn = model_with_base_called_in_inference_mode()
     statistics = snapshot([bn])[2:]
     compiled(model).fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert not np.array_equal(statistics[0], bn.moving_mean.numpy())
-    assert not np.array_equal(statistics[1], bn.moving_variance.numpy())
+    assert not np.array_equal(statistics[0], numpy(bn.moving_mean))
+    assert not np.array_equal(statistics[1], numpy(bn.moving_variance))
 
 
 @pytest.mark.parametrize("train_gamma_beta", [False, True])
@@ -357,19 +363,19 @@ def test_freeze_batchnorm_keeps_statistics_during_fit(train_gamma_beta):
     freeze_batchnorm(model, train_gamma_beta=train_gamma_beta)
     before = snapshot([bn])
     conv = model.layers[1].get_layer("conv")
-    kernel = conv.kernel.numpy().copy()
+    kernel = numpy(conv.kernel)
     compiled(model).fit(x, y, batch_size=8, epochs=2, verbose=0)
-    gamma, beta, mean, variance = (w.numpy() for w in bn.weights)
+    gamma, beta, mean, variance = (numpy(w) for w in bn.weights)
     np.testing.assert_array_equal(mean, before[2])
     np.testing.assert_array_equal(variance, before[3])
     assert np.array_equal(gamma, before[0]) is not train_gamma_beta
     assert np.array_equal(beta, before[1]) is not train_gamma_beta
-    assert not np.array_equal(kernel, conv.kernel.numpy())
+    assert not np.array_equal(kernel, numpy(conv.kernel))
     # Normalised with the moving statistics even when called in training
     # mode: the output is the affine map of the inference formula.
-    expected = (conv(x).numpy() - mean) / np.sqrt(variance + bn.epsilon)
+    expected = (numpy(conv(x)) - mean) / np.sqrt(variance + bn.epsilon)
     np.testing.assert_allclose(
-        model.layers[1](x, training=True).numpy(),
+        numpy(model.layers[1](x, training=True)),
         expected * gamma + beta,
         rtol=1e-4,
         atol=1e-5,
