@@ -1,7 +1,8 @@
 """Every use of Keras internals in keras-sp, in one place.
 
-Each helper says why public Keras is not enough. `tests/keras_private_test.py`
-fails if a Keras release changes what these helpers rely on.
+Each helper says why public Keras is not enough.
+`tests/library/keras_private_test.py` fails if a Keras release changes what
+these helpers rely on.
 """
 
 import keras

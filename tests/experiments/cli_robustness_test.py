@@ -32,7 +32,9 @@ from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.results import ResultsFile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 FINETUNE_CONFIGS = [
     "caltech256_30",
     "caltech256_60",

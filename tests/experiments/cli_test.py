@@ -11,7 +11,9 @@ import pytest
 import keras_sp
 from keras_sp.experiments import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 def _subcommands():

@@ -17,7 +17,9 @@ import pytest
 import keras_sp
 from keras_sp import _keras_private
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 # Small configs (the first stack must have 64 filters in KerasHub).
 RESNET_V1_BASIC = {
