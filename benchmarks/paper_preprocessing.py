@@ -16,8 +16,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keras_sp.datasets import image_dataset
-from keras_sp.datasets import paper_preprocessing
+from keras_sp.experiments.data import image_dataset
+from keras_sp.experiments.data import paper_preprocessing
 
 IMAGES, BATCHES, BATCH = 128, 12, 64
 

@@ -1,20 +1,21 @@
 """keras-sp: transfer learning for Keras 3.
 
 The -SP penalties of Li, Grandvalet & Davoine, diagonal Fisher information,
-freezing depth units, growing a network (Wang, Ramanan & Hebert) and
-Yosinski's transferability experiments.
+freezing depth units, growing a network (Wang, Ramanan & Hebert) and the
+measurements that go with them. It imports keras and NumPy only; the data
+loaders, weight conversion, plots and experiment runners that reproduce the
+papers are in `keras_sp.experiments`, which nothing here imports.
 """
 
-from keras_sp import analysis
 from keras_sp import callbacks
-from keras_sp import datasets
 from keras_sp import fisher
 from keras_sp import layers
-from keras_sp import plots
-from keras_sp import pretrained
 from keras_sp import regularizers
 from keras_sp import surgery
 from keras_sp import units
+from keras_sp.batchnorm import reestimate_batchnorm
+from keras_sp.drift import unit_drift
+from keras_sp.drift import weight_drift
 from keras_sp.penalties import regularize
 from keras_sp.penalties import starting_point
 from keras_sp.penalties import unregularize
@@ -29,24 +30,23 @@ from keras_sp.units import unfreeze
 __version__ = "0.1.0"
 
 __all__ = [
-    "analysis",
     "callbacks",
     "copy_units",
-    "datasets",
     "deepen",
     "depth_units",
     "fisher",
     "freeze_batchnorm",
     "freeze_first",
     "layers",
-    "plots",
-    "pretrained",
+    "reestimate_batchnorm",
     "regularize",
     "regularizers",
     "starting_point",
     "surgery",
     "unfreeze",
+    "unit_drift",
     "units",
     "unregularize",
+    "weight_drift",
     "widen",
 ]

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sp import analysis
+from keras_sp import drift as analysis
 from keras_sp import fisher as fisher_lib
 from keras_sp import penalties
 from keras_sp import regularizers

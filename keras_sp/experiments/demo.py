@@ -33,13 +33,13 @@ import keras
 import numpy as np
 
 import keras_sp
-from keras_sp import analysis
-from keras_sp.datasets import few_shot
-from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
 from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.data import few_shot
+from keras_sp.experiments.data import load_fashion_mnist
+from keras_sp.experiments.measures import source_task_accuracy
 from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import write_text
 
@@ -305,12 +305,12 @@ def run_demo(config, out, verbose=1):
                         "target_accuracy": training.accuracy(
                             model, x_target_test, y_target_test
                         ),
-                        "drift": analysis.weight_drift(model)["relative"],
-                        "source_accuracy": analysis.source_task_accuracy(
+                        "drift": keras_sp.weight_drift(model)["relative"],
+                        "source_accuracy": source_task_accuracy(
                             backbone, source_head, x_source_test, y_source_test
                         ),
                         "source_accuracy_reestimated_bn": (
-                            analysis.source_task_accuracy(
+                            source_task_accuracy(
                                 backbone,
                                 source_head,
                                 x_source_test,

@@ -14,13 +14,13 @@ import keras
 import numpy as np
 
 from keras_sp.callbacks import StopOnNonFinite
-from keras_sp.datasets import load_fashion_mnist
+from keras_sp.experiments.data import load_fashion_mnist
 from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import atomic_write
 from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
-from keras_sp.pretrained import cache_directory
+from keras_sp.experiments.weights import cache_directory
 
 __all__ = [
     "SOURCE_CLASSES",

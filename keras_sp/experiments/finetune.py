@@ -65,29 +65,33 @@ import numpy as np
 import tensorflow as tf
 
 import keras_sp
-from keras_sp import analysis
-from keras_sp import plots
-from keras_sp import pretrained
 from keras_sp import units
-from keras_sp.datasets import channel_mean
-from keras_sp.datasets import few_shot
-from keras_sp.datasets import load_caltech256
-from keras_sp.datasets import load_fashion_mnist
-from keras_sp.datasets import load_imagenet
-from keras_sp.datasets import load_mit_indoor67
-from keras_sp.datasets import load_places365
-from keras_sp.datasets import load_stanford_dogs
-from keras_sp.datasets import paper_preprocessing
-from keras_sp.datasets.preprocessing import three_channels
 from keras_sp.experiments import config as experiment_config
 from keras_sp.experiments import fashion_source
+from keras_sp.experiments import plots
 from keras_sp.experiments import training
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.data import channel_mean
+from keras_sp.experiments.data import few_shot
+from keras_sp.experiments.data import load_caltech256
+from keras_sp.experiments.data import load_fashion_mnist
+from keras_sp.experiments.data import load_imagenet
+from keras_sp.experiments.data import load_mit_indoor67
+from keras_sp.experiments.data import load_places365
+from keras_sp.experiments.data import load_stanford_dogs
+from keras_sp.experiments.data import paper_preprocessing
+from keras_sp.experiments.data.preprocessing import three_channels
 from keras_sp.experiments.fisher import load_fisher
 from keras_sp.experiments.fisher import save_fisher
+from keras_sp.experiments.measures import activation_r2
+from keras_sp.experiments.measures import mcnemar_test
+from keras_sp.experiments.measures import source_task_accuracy
+from keras_sp.experiments.measures import source_task_drop
 from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import write_text
+from keras_sp.experiments.weights import imagenet_mobilenet
+from keras_sp.experiments.weights import load_weights_checked
 from keras_sp.penalties import FISHER_KINDS
 from keras_sp.penalties import KERNEL_NAMES
 from keras_sp.penalties import KINDS
@@ -611,12 +615,10 @@ def _applications_models(config):
     shape = (config.input_size, config.input_size, 3)
     if config.weights == CONVERTED_WEIGHTS:
         return (
-            pretrained.imagenet_mobilenet(
+            imagenet_mobilenet(
                 input_shape=shape, include_top=False, pooling="avg"
             ),
-            pretrained.imagenet_mobilenet(
-                input_shape=shape, classifier_activation=None
-            ),
+            imagenet_mobilenet(input_shape=shape, classifier_activation=None),
         )
     weights = config.weights
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
@@ -636,7 +638,7 @@ def _applications_models(config):
         classifier_activation=None,
     )
     if from_file:
-        pretrained.load_weights_checked(source_model, weights)
+        load_weights_checked(source_model, weights)
     backbone = constructor(
         include_top=False,
         weights=None if from_file else weights,
@@ -1139,13 +1141,13 @@ class _Experiment:
         loss = float(history.history["loss"][-1])
         measures = {
             "final_loss": loss,
-            "drift": analysis.weight_drift(backbone, starting_point)[
+            "drift": keras_sp.weight_drift(backbone, starting_point)[
                 "relative"
             ],
         }
         if frozen:
             # Frozen units' weights and BatchNormalization statistics.
-            measures["frozen_distance"] = analysis.weight_drift(model, frozen)[
+            measures["frozen_distance"] = keras_sp.weight_drift(model, frozen)[
                 "distance"
             ]
         return model, backbone, measures
@@ -1215,7 +1217,7 @@ class _Experiment:
                     backbone.input,
                     [backbone.get_layer(n).output for n in self.unit_layers],
                 )
-                r2 = analysis.activation_r2(
+                r2 = activation_r2(
                     self.reference_activations,
                     activations,
                     data["r2_inputs"],
@@ -1232,7 +1234,7 @@ class _Experiment:
             source = data.get("source")
             if source is not None:
                 for batchnorm in config.source_batchnorm:
-                    record[f"source_{batchnorm}"] = analysis.source_task_drop(
+                    record[f"source_{batchnorm}"] = source_task_drop(
                         backbone,
                         self.pretrained.source_head,
                         source["x"],
@@ -1281,7 +1283,7 @@ class _Experiment:
             data["source"] = {
                 "x": x,
                 "y": y,
-                "pretrained_accuracy": analysis.source_task_accuracy(
+                "pretrained_accuracy": source_task_accuracy(
                     self.pretrained.backbone,
                     head,
                     x,
@@ -1632,7 +1634,7 @@ def _table2(config, runs, chosen, slugs):
                 continue
             selected = summary[(slug, kind)]
             worst = min(selected, key=lambda run: run["accuracy"])
-            test = analysis.mcnemar_test(
+            test = mcnemar_test(
                 _unpack(worst["correct"]), _unpack(best["correct"])
             )
             better = (

@@ -35,12 +35,12 @@ import numpy as np
 
 from keras_sp import surgery
 from keras_sp.callbacks import StopOnNonFinite
-from keras_sp.datasets import few_shot
-from keras_sp.datasets import load_fashion_mnist
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.data import few_shot
+from keras_sp.experiments.data import load_fashion_mnist
 from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import write_text
 

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_sp import analysis
 from keras_sp.callbacks import StopOnNonFinite
+from keras_sp.experiments.measures import predict
 
 __all__ = [
     "StepDecayWithWarmup",
@@ -145,13 +145,13 @@ def _with_guard(callbacks):
 
 def accuracy(model, x, y, batch_size=512):
     """Top-1 accuracy of `model` (inference mode) on `(x, y)`."""
-    scores = analysis.predict(model, x, batch_size)
+    scores = predict(model, x, batch_size)
     return float(np.mean(np.argmax(scores, axis=-1) == np.asarray(y)))
 
 
 def accuracy_and_loss(model, x, y, batch_size=512):
     """Top-1 accuracy and mean cross-entropy of a logits model on `(x, y)`."""
-    logits = analysis.predict(model, x, batch_size).astype("float64")
+    logits = predict(model, x, batch_size).astype("float64")
     logits -= logits.max(axis=-1, keepdims=True)
     log_probabilities = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     y = np.asarray(y)

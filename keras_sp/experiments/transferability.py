@@ -30,17 +30,17 @@ import time
 import keras
 import numpy as np
 
-from keras_sp import plots
 from keras_sp import units
 from keras_sp.callbacks import StopOnNonFinite
-from keras_sp.datasets import class_split
-from keras_sp.datasets import few_shot
-from keras_sp.datasets import load_fashion_mnist
+from keras_sp.experiments import plots
 from keras_sp.experiments.config import CONFIG_DIRECTORY
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.config import shipped_configs
+from keras_sp.experiments.data import class_split
+from keras_sp.experiments.data import few_shot
+from keras_sp.experiments.data import load_fashion_mnist
 from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import ResultsFile

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_sp.datasets import load_caltech256
+from keras_sp.experiments.data import load_caltech256
 
 CATEGORIES = ("ak47", "american-flag", "backpack", "clutter")
 IMAGES_PER_CATEGORY = (5, 6, 5, 7)

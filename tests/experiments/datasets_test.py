@@ -4,8 +4,10 @@ import struct
 import numpy as np
 import pytest
 
-from keras_sp import datasets
-from keras_sp.datasets import fashion_mnist
+from keras_sp.experiments.data import class_split
+from keras_sp.experiments.data import fashion_mnist
+from keras_sp.experiments.data import few_shot
+from keras_sp.experiments.data import load_fashion_mnist
 
 
 def write_idx(path, array):
@@ -31,9 +33,7 @@ def fake_fashion(directory, train=7, test=3):
 
 def test_reads_the_idx_files(tmp_path):
     arrays = fake_fashion(tmp_path)
-    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist(
-        str(tmp_path)
-    )
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist(str(tmp_path))
     np.testing.assert_array_equal(x_train, arrays["x_train"])
     np.testing.assert_array_equal(y_train, arrays["y_train"])
     np.testing.assert_array_equal(x_test, arrays["x_test"])
@@ -48,7 +48,7 @@ def test_falls_back_to_keras_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(
         keras.datasets.fashion_mnist, "load_data", lambda: sentinel
     )
-    assert datasets.load_fashion_mnist(str(tmp_path / "empty")) is sentinel
+    assert load_fashion_mnist(str(tmp_path / "empty")) is sentinel
 
 
 def test_rejects_a_file_that_is_not_idx(tmp_path):
@@ -68,27 +68,27 @@ def test_rejects_a_file_that_is_not_idx(tmp_path):
 
 def test_class_split_is_balanced_disjoint_and_seeded():
     labels = np.repeat(np.arange(11), 3)
-    a, b = datasets.class_split(labels, seed=3)
+    a, b = class_split(labels, seed=3)
     assert len(a) == 6 and len(b) == 5
     assert not set(a) & set(b)
     assert sorted(set(a) | set(b)) == list(range(11))
-    again = datasets.class_split(labels, seed=3)
+    again = class_split(labels, seed=3)
     np.testing.assert_array_equal(again[0], a)
-    other = [tuple(datasets.class_split(labels, seed=s)[0]) for s in range(8)]
+    other = [tuple(class_split(labels, seed=s)[0]) for s in range(8)]
     assert len(set(other)) > 1
 
 
 def test_class_split_needs_two_classes():
     with pytest.raises(ValueError, match="at least 2 classes"):
-        datasets.class_split([4, 4, 4], seed=0)
+        class_split([4, 4, 4], seed=0)
 
 
 def test_few_shot_draws_per_class_without_replacement():
     labels = np.repeat(np.arange(4), 10)
-    indices = datasets.few_shot(labels, per_class=3, seed=1)
+    indices = few_shot(labels, per_class=3, seed=1)
     assert len(set(indices)) == 12
     np.testing.assert_array_equal(np.bincount(labels[indices]), [3, 3, 3, 3])
-    subset = datasets.few_shot(labels, per_class=2, seed=1, classes=[1, 3])
+    subset = few_shot(labels, per_class=2, seed=1, classes=[1, 3])
     assert set(labels[subset]) == {1, 3}
 
 
@@ -96,4 +96,4 @@ def test_few_shot_draws_per_class_without_replacement():
 def test_few_shot_bad_per_class(per_class):
     labels = np.repeat(np.arange(4), 10)
     with pytest.raises(ValueError, match="per_class"):
-        datasets.few_shot(labels, per_class=per_class, seed=0)
+        few_shot(labels, per_class=per_class, seed=0)

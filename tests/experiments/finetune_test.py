@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_sp import analysis
-from keras_sp.datasets import ImageData
 from keras_sp.experiments import cli
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import finetune
+from keras_sp.experiments import measures
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.data import ImageData
 
 
 def tiny_fashion(per_class_train=10, per_class_test=6):
@@ -140,7 +140,7 @@ def test_small_experiment_protocol_report_and_resume(
             (r for r in test if r["kind"] == comparison["kind"]),
             key=lambda r: r["accuracy"],
         )
-        expected = analysis.mcnemar_test(
+        expected = measures.mcnemar_test(
             finetune._unpack(worst["correct"]),
             finetune._unpack(best_l2["correct"]),
         )

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_sp.datasets.images import ImageData
-from keras_sp.datasets.images import find_unreadable_images
-from keras_sp.datasets.images import image_dataset
-from keras_sp.datasets.images import readable_images
+from keras_sp.experiments.data.images import ImageData
+from keras_sp.experiments.data.images import find_unreadable_images
+from keras_sp.experiments.data.images import image_dataset
+from keras_sp.experiments.data.images import readable_images
 
 
 def write_png(path, array):

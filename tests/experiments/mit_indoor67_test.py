@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_sp.datasets import load_mit_indoor67
+from keras_sp.experiments.data import load_mit_indoor67
 
 # category -> (training files, test files), as the official lists name them.
 SPLIT = {

@@ -3,13 +3,13 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from keras_sp.datasets import central_crop
-from keras_sp.datasets import channel_mean
-from keras_sp.datasets import gaussian_blur
-from keras_sp.datasets import mobilenet_inputs
-from keras_sp.datasets import mobilenet_preprocessing
-from keras_sp.datasets import paper_preprocessing
-from keras_sp.datasets.preprocessing import three_channels
+from keras_sp.experiments.data import central_crop
+from keras_sp.experiments.data import channel_mean
+from keras_sp.experiments.data import gaussian_blur
+from keras_sp.experiments.data import mobilenet_inputs
+from keras_sp.experiments.data import mobilenet_preprocessing
+from keras_sp.experiments.data import paper_preprocessing
+from keras_sp.experiments.data.preprocessing import three_channels
 
 SIZE, CROP = 12, 8
 

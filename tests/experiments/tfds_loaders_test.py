@@ -3,9 +3,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_sp.datasets import load_imagenet
-from keras_sp.datasets import load_places365
-from keras_sp.datasets import load_stanford_dogs
+from keras_sp.experiments.data import load_imagenet
+from keras_sp.experiments.data import load_places365
+from keras_sp.experiments.data import load_stanford_dogs
 
 LOADERS = {
     "stanford_dogs": (load_stanford_dogs, "test", 120),

@@ -5,13 +5,14 @@ from penalties_test import build_model
 from penalties_test import perturb
 
 import keras_sp
+from keras_sp.experiments import measures
 
 
 def test_weight_drift_is_the_euclidean_distance():
     model = build_model()
     reference = {v.path: v.numpy().copy() for v in model.weights}
     perturb(model, scale=0.1)
-    drift = keras_sp.analysis.weight_drift(model, reference)
+    drift = keras_sp.weight_drift(model, reference)
     difference = np.concatenate(
         [(v.numpy() - reference[v.path]).ravel() for v in model.weights]
     )
@@ -24,14 +25,14 @@ def test_weight_drift_is_the_euclidean_distance():
 def test_weight_drift_defaults_to_the_attached_starting_point():
     model = build_model()
     keras_sp.regularize(model, "group_lasso_sp", alpha=0.1, new_layers=())
-    assert keras_sp.analysis.weight_drift(model)["distance"] == 0.0
+    assert keras_sp.weight_drift(model)["distance"] == 0.0
 
 
 def test_weight_drift_rejects_a_misshapen_reference():
     model = build_model()
     reference = {model.weights[0].path: np.zeros(3)}
     with pytest.raises(ValueError, match="must have shape"):
-        keras_sp.analysis.weight_drift(model, reference)
+        keras_sp.weight_drift(model, reference)
 
 
 def _bn_backbone():
@@ -54,7 +55,7 @@ def test_reestimate_batchnorm_gives_the_exact_statistics_in_order():
     model = keras.Sequential([backbone, keras.layers.Dense(2)])
     x = np.random.default_rng(0).normal(2.0, 3.0, size=(50, 6, 6, 2))
     x = x.astype("float32")
-    assert keras_sp.analysis.reestimate_batchnorm(model, x, batch_size=16) == 2
+    assert keras_sp.reestimate_batchnorm(model, x, batch_size=16) == 2
     for name in ("bn1", "bn2"):
         layer = backbone.get_layer(name)
         # Brute force, after the update: the layer's input over all of x.
@@ -79,21 +80,19 @@ def test_source_task_accuracy_with_both_statistics():
     before = [w.copy() for w in backbone.get_weights()]
     scores = to_numpy(head(backbone(x, training=False)))
     expected = np.mean(np.argmax(scores, axis=-1) == y)
-    assert keras_sp.analysis.source_task_accuracy(
-        backbone, head, x, y
-    ) == pytest.approx(expected)
+    assert measures.source_task_accuracy(backbone, head, x, y) == pytest.approx(
+        expected
+    )
 
     copy = keras.models.clone_model(backbone)
     copy.set_weights(backbone.get_weights())
-    keras_sp.analysis.reestimate_batchnorm(copy, x)
+    keras_sp.reestimate_batchnorm(copy, x)
     scores = to_numpy(head(copy(x, training=False)))
     expected = np.mean(np.argmax(scores, axis=-1) == y)
-    assert keras_sp.analysis.source_task_accuracy(
+    assert measures.source_task_accuracy(
         backbone, head, x, y, batchnorm="reestimated"
     ) == pytest.approx(expected)
     for old, new in zip(before, backbone.get_weights(), strict=True):
         np.testing.assert_array_equal(old, new)
     with pytest.raises(ValueError, match="batchnorm='moving'"):
-        keras_sp.analysis.source_task_accuracy(
-            backbone, head, x, y, batchnorm="moving"
-        )
+        measures.source_task_accuracy(backbone, head, x, y, batchnorm="moving")

@@ -5,11 +5,11 @@ import re
 
 import numpy as np
 
-from keras_sp.datasets.images import IMAGE_EXTENSIONS
-from keras_sp.datasets.images import ImageData
-from keras_sp.datasets.images import image_dataset
-from keras_sp.datasets.images import readable_images
-from keras_sp.datasets.splits import few_shot
+from keras_sp.experiments.data.images import IMAGE_EXTENSIONS
+from keras_sp.experiments.data.images import ImageData
+from keras_sp.experiments.data.images import image_dataset
+from keras_sp.experiments.data.images import readable_images
+from keras_sp.experiments.data.splits import few_shot
 
 __all__ = [
     "CLUTTER",

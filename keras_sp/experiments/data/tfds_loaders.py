@@ -9,7 +9,7 @@ prepared files under `data_dir`.
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_sp.datasets.images import ImageData
+from keras_sp.experiments.data.images import ImageData
 
 __all__ = [
     "load_imagenet",

