@@ -5,7 +5,6 @@ from penalties_test import build_model
 from penalties_test import perturb
 
 import keras_sp
-from keras_sp.experiments import measures
 
 
 def test_weight_drift_is_the_euclidean_distance():
@@ -67,32 +66,3 @@ def test_reestimate_batchnorm_gives_the_exact_statistics_in_order():
         np.testing.assert_allclose(
             to_numpy(layer.moving_variance), inputs.var(axis=0), rtol=1e-4
         )
-
-
-def test_source_task_accuracy_with_both_statistics():
-    import keras
-
-    backbone = _bn_backbone()
-    head = keras.layers.Dense(3)
-    rng = np.random.default_rng(1)
-    x = rng.normal(1.0, 2.0, size=(40, 6, 6, 2)).astype("float32")
-    y = rng.integers(0, 3, size=40)
-    before = [w.copy() for w in backbone.get_weights()]
-    scores = to_numpy(head(backbone(x, training=False)))
-    expected = np.mean(np.argmax(scores, axis=-1) == y)
-    assert measures.source_task_accuracy(backbone, head, x, y) == pytest.approx(
-        expected
-    )
-
-    copy = keras.models.clone_model(backbone)
-    copy.set_weights(backbone.get_weights())
-    keras_sp.reestimate_batchnorm(copy, x)
-    scores = to_numpy(head(copy(x, training=False)))
-    expected = np.mean(np.argmax(scores, axis=-1) == y)
-    assert measures.source_task_accuracy(
-        backbone, head, x, y, batchnorm="reestimated"
-    ) == pytest.approx(expected)
-    for old, new in zip(before, backbone.get_weights(), strict=True):
-        np.testing.assert_array_equal(old, new)
-    with pytest.raises(ValueError, match="batchnorm='moving'"):
-        measures.source_task_accuracy(backbone, head, x, y, batchnorm="moving")
