@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sp import drift as analysis
+from keras_sp import drift
 from keras_sp import fisher as fisher_lib
 from keras_sp import penalties
 from keras_sp import regularizers
@@ -84,7 +84,7 @@ class PenaltyMonitor(keras.callbacks.Callback):
         logs.update(values)
         if self.log_dir is not None:
             scalars = dict(values)
-            for row in analysis.unit_drift(self.model):
+            for row in drift.unit_drift(self.model):
                 name = f"{row['unit']:03d}_{row['name']}"
                 scalars[f"sp_unit_distance/{name}"] = row["distance"]
                 scalars[f"sp_unit_drift/{name}"] = row["relative"]
@@ -108,10 +108,10 @@ class PenaltyMonitor(keras.callbacks.Callback):
             if variable.trainable:
                 total += float(ops.convert_to_numpy(regularizer(variable)))
         values = {"sp_penalty": total}
-        drift = analysis.weight_drift(self.model)
-        if drift["variables"]:
-            values["sp_distance"] = drift["distance"]
-            values["sp_drift"] = drift["relative"]
+        measured = drift.weight_drift(self.model)
+        if measured["variables"]:
+            values["sp_distance"] = measured["distance"]
+            values["sp_drift"] = measured["relative"]
         elif not self._warned:
             self._warned = True
             warnings.warn(

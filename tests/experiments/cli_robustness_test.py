@@ -30,6 +30,7 @@ from keras_sp.experiments import results
 from keras_sp.experiments import transferability
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.finetune import _fisher
 from keras_sp.experiments.results import ResultsFile
 
 ROOT = os.path.dirname(
@@ -133,13 +134,17 @@ def test_truncated_fisher_file_of_finetune_names_it(tmp_path, keep):
     data = path.read_bytes()
     size = int(keep * len(data)) if isinstance(keep, float) else keep
     path.write_bytes(data[:size])
-    experiment = types.SimpleNamespace(
-        config=types.SimpleNamespace(fisher_data="source"),
-        _fishers={},
-        out=str(tmp_path),
+    settings = _fisher.FisherSettings(
+        fisher_mode="exact",
+        fisher_samples=1,
+        fisher_data="source",
+        fisher_examples=10,
+        fisher_scale="raw",
+        seed=0,
     )
+    cache = _fisher.FisherCache(settings, str(tmp_path), None, None)
     with pytest.raises(results.CorruptFileError) as info:
-        finetune._Experiment._fisher(experiment, "x", None, np.arange(3))
+        cache.fisher("x", None, np.arange(3))
     message = str(info.value)
     assert message.startswith(f"Cannot use {str(path)!r}: ")
     assert message.endswith(

@@ -16,6 +16,7 @@ from transferability_test import synthetic_images
 
 from keras_sp import fisher
 from keras_sp.experiments import cli
+from keras_sp.experiments import data as datasets
 from keras_sp.experiments import demo
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import finetune
@@ -94,7 +95,7 @@ def test_demo_twice(tmp_path, monkeypatch):
 
 def test_finetune_twice(tmp_path, monkeypatch):
     data = finetune_fashion()
-    monkeypatch.setattr(finetune, "load_fashion_mnist", lambda: data)
+    monkeypatch.setattr(datasets, "load_fashion_mnist", lambda: data)
     keras.utils.set_random_seed(0)
     fashion_source.build_small_cnn(
         5, width=4, fc_units=None, head_name="source_head"

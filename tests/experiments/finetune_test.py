@@ -10,12 +10,14 @@ import pytest
 import tensorflow as tf
 
 from keras_sp.experiments import cli
+from keras_sp.experiments import data as datasets
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import finetune
 from keras_sp.experiments import measures
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
-from keras_sp.experiments.data import ImageData
+from keras_sp.experiments.finetune import _runs
+from keras_sp.experiments.finetune import _targets
 
 
 def tiny_fashion(per_class_train=10, per_class_test=6):
@@ -37,7 +39,7 @@ def tiny_fashion(per_class_train=10, per_class_test=6):
 def small_experiment(tmp_path, monkeypatch):
     """A source CNN saved as a .keras file, synthetic Fashion-MNIST."""
     data = tiny_fashion()
-    monkeypatch.setattr(finetune, "load_fashion_mnist", lambda: data)
+    monkeypatch.setattr(datasets, "load_fashion_mnist", lambda: data)
     source = fashion_source.build_small_cnn(
         5, width=4, fc_units=None, head_name="source_head"
     )
@@ -127,7 +129,7 @@ def test_small_experiment_protocol_report_and_resume(
         cell = f"{100 * accuracies.mean():.1f} ± {100 * accuracies.std():.1f}"
         assert f"| {name} | {cell} |" in table
     for run in test:
-        correct = finetune._unpack(run["correct"])
+        correct = _runs.unpack(run["correct"])
         assert len(correct) == 5 * 4
         assert correct.mean() == pytest.approx(run["accuracy"])
         assert run["drift"] > 0
@@ -141,8 +143,8 @@ def test_small_experiment_protocol_report_and_resume(
             key=lambda r: r["accuracy"],
         )
         expected = measures.mcnemar_test(
-            finetune._unpack(worst["correct"]),
-            finetune._unpack(best_l2["correct"]),
+            _runs.unpack(worst["correct"]),
+            _runs.unpack(best_l2["correct"]),
         )
         assert {k: comparison[k] for k in expected} == expected
     assert {c["kind"] for c in report["comparisons"]} == {
@@ -190,19 +192,19 @@ def test_small_experiment_protocol_report_and_resume(
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(finetune._Experiment, "_train", no_training)
+    monkeypatch.setattr(_runs.Runner, "train", no_training)
     again = finetune.run_finetune(config, out, verbose=0, run_eagerly=True)
     assert again["table2.md"] == table
 
 
 def test_validation_split_holds_out_part_of_each_class():
     labels = np.repeat(np.arange(4), [5, 10, 6, 3])
-    train, held_out = finetune._validation_split(labels, 0.2, seed=0)
+    train, held_out = _targets.validation_split(labels, 0.2, seed=0)
     assert not set(train) & set(held_out)
     assert sorted(np.concatenate([train, held_out])) == list(range(24))
     assert np.bincount(labels[held_out]).tolist() == [1, 2, 1, 1]
     with pytest.raises(ConfigError, match="validation_fraction"):
-        finetune._validation_split(np.array([0, 1]), 0.5, seed=0)
+        _targets.validation_split(np.array([0, 1]), 0.5, seed=0)
 
 
 def synthetic_images(classes, per_class, seed):
@@ -214,7 +216,7 @@ def synthetic_images(classes, per_class, seed):
 
 def fake_loader(classes):
     def load(*args, **kwargs):
-        return ImageData(
+        return datasets.ImageData(
             train=synthetic_images(classes, 3, 0),
             test=synthetic_images(classes, 1, 1),
             class_names=tuple(f"class{i}" for i in range(classes)),
@@ -249,9 +251,9 @@ def test_full_size_config_dry_run(name, tmp_path, monkeypatch):
         "load_mit_indoor67",
         "load_stanford_dogs",
     ):
-        monkeypatch.setattr(finetune, loader, fake_loader(3))
+        monkeypatch.setattr(datasets, loader, fake_loader(3))
     for loader in ("load_imagenet", "load_places365"):
-        monkeypatch.setattr(finetune, loader, fake_loader(4))
+        monkeypatch.setattr(datasets, loader, fake_loader(4))
     values.update(
         weights=None,
         source_num_classes=4,
@@ -288,7 +290,7 @@ def test_full_size_config_dry_run(name, tmp_path, monkeypatch):
     assert len(test[0]["r2"]) == 34
     assert test[0]["r2_layers"][-1] == "conv5_block3_out"
     assert np.isfinite(test[0]["drift"]) and test[0]["drift"] > 0
-    assert len(finetune._unpack(test[0]["correct"])) == 3
+    assert len(_runs.unpack(test[0]["correct"])) == 3
     assert "table3.md" in report
 
 

@@ -1,0 +1,67 @@
+"""The committed tables of `keras-sp finetune` come from their results.json.
+
+Every `results.json` under `docs/results/` in a folder named after a
+shipped finetune config (`docs/results/l2sp/<config>/`) is copied to a
+fresh folder and reported on with `keras-sp finetune --config <config>
+--report-only`; every Markdown file committed beside it (Table 2, Table 3,
+the Markdown of Figures 1, 3 and 4) must come out byte for byte, and no
+other. The PNG figures are left out: their bytes depend on the matplotlib
+version that drew them.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from keras_sp.experiments import cli
+from keras_sp.experiments import config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def finetune_results():
+    """`{config name: folder}` of the committed finetune results."""
+    names = set(config.shipped_configs("finetune"))
+    return {
+        path.parent.name: path.parent
+        for path in sorted(RESULTS.rglob("results.json"))
+        if path.parent.name in names
+    }
+
+
+def committed_tables(folder):
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if name.endswith(".md") and name != "README.md"
+    )
+
+
+def test_the_committed_finetune_results_are_found():
+    # The L2-SP write-up (docs/results/l2sp/README.md) links both.
+    assert sorted(finetune_results()) == [
+        "fashion_mobilenet",
+        "fashion_small_cnn",
+    ]
+    for folder in finetune_results().values():
+        assert "table2.md" in committed_tables(folder)
+
+
+@pytest.mark.parametrize("name", sorted(finetune_results()))
+def test_report_only_writes_the_committed_tables(name, tmp_path):
+    folder = finetune_results()[name]
+    shutil.copy(folder / "results.json", tmp_path / "results.json")
+    argv = ["finetune", "--config", name, "--out", str(tmp_path)]
+    assert cli.main([*argv, "--report-only"]) == 0
+    written = committed_tables(tmp_path)
+    assert written == committed_tables(folder)
+    for table in written:
+        expected = (folder / table).read_bytes()
+        assert (tmp_path / table).read_bytes() == expected, table
+    # Reporting leaves the runs as they were.
+    assert (tmp_path / "results.json").read_bytes() == (
+        folder / "results.json"
+    ).read_bytes()
