@@ -18,10 +18,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a checkout holds besides its sources: not copied into the build.
+# What a checkout holds besides its sources (data sets and results can be
+# large): not copied into the build.
 NOT_SOURCES = shutil.ignore_patterns(
     ".git",
     ".venv",
+    "venv",
+    "data",
     "build",
     "dist",
     "site",
