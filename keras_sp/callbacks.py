@@ -1,5 +1,6 @@
 """`model.fit` callbacks of keras-sp."""
 
+import importlib
 import os
 import warnings
 import weakref
@@ -49,6 +50,10 @@ class PenaltyMonitor(keras.callbacks.Callback):
     `sp_unit_drift/<index>_<first layer>` (its ||w - w0|| and
     ||w - w0|| / ||w0||), so you can see which depth moves.
 
+    Writing them needs TensorFlow and TensorBoard (`pip install
+    "keras-sp[tensorboard]"`); without them, `log_dir` raises an
+    `ImportError` that says so.
+
     Args:
         log_dir: optional folder or `keras.callbacks.TensorBoard`.
 
@@ -74,6 +79,19 @@ class PenaltyMonitor(keras.callbacks.Callback):
                 f"Received: log_dir={log_dir!r}"
             )
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        if self.log_dir is not None:
+            # What `_ScalarWriter` needs: tf.summary and TensorBoard's
+            # summary ops behind it (tf.summary.scalar imports them).
+            for module in ("tensorflow", "tensorboard.summary.v2"):
+                try:
+                    importlib.import_module(module)
+                except ImportError as error:
+                    raise ImportError(
+                        "PenaltyMonitor(log_dir=...) writes TensorBoard "
+                        "scalars, which needs TensorFlow and TensorBoard: "
+                        f'pip install "keras-sp[tensorboard]" ({error}). '
+                        f"Received: log_dir={self.log_dir!r}"
+                    ) from error
         self._warned = False
         self._writer = None
 

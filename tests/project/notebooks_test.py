@@ -1,12 +1,17 @@
 """The notebooks: committed without outputs, ready for Colab, and run top to
-bottom at small size (KERAS_SP_SMALL=1), offline."""
+bottom at small size (KERAS_SP_SMALL=1), offline, in a fresh environment
+where their install cell installs the wheel of this checkout."""
 
+import json
 import os
 import re
 from pathlib import Path
 
 import nbformat
 import pytest
+from built_wheel import build
+from built_wheel import environment
+from built_wheel import fresh_environment
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +26,13 @@ COLAB = (
     "https://colab.research.google.com/github/keras-sp/keras-sp/blob/main/"
     "notebooks/{name}"
 )
-INSTALL = re.compile(r"^\s+%pip install (--quiet )?keras-sp$", re.MULTILINE)
+INSTALL = re.compile(
+    r'^\s+%pip install (--quiet )?"keras-sp\[experiments\]"$', re.MULTILINE
+)
+# The Jupyter kernel that runs a fresh environment's Python.
+KERNEL = "keras-sp-wheel"
+# A last cell the test adds: where the notebook's keras_sp came from.
+PROBE = "import keras_sp\n\nprint(keras_sp.__file__)"
 
 
 def read(name):
@@ -35,7 +46,7 @@ def code_cells(notebook):
 def install_cell(notebook):
     """The cell that installs keras-sp, only where it cannot be imported."""
     cells = [c for c in code_cells(notebook) if INSTALL.search(c.source)]
-    assert len(cells) == 1, "expected one `%pip install keras-sp` cell"
+    assert len(cells) == 1, 'expected one `%pip install "keras-sp[...]"` cell'
     (cell,) = cells
     assert 'if importlib.util.find_spec("keras_sp") is None:' in cell.source
     return cell
@@ -77,23 +88,42 @@ def test_has_a_small_size_switch_and_uses_the_public_api_only(name):
     assert private == []
 
 
+def kernel_for(python, folder):
+    """A Jupyter data folder with the kernel `KERNEL` running `python`."""
+    spec = folder / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": KERNEL, "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    return folder
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_runs_top_to_bottom_at_small_size(name, tmp_path, monkeypatch):
-    # The kernel is a separate process: it imports this checkout of
-    # keras_sp, writes its files and cache under tmp_path, and runs small.
-    path = os.pathsep.join(
-        part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part
+def test_runs_top_to_bottom_at_small_size(
+    name, tmp_path, tmp_path_factory, monkeypatch
+):
+    # The kernel runs a fresh environment without keras-sp (see
+    # built_wheel), from tmp_path, with pip offline and pointed at the wheel
+    # of this checkout: the install cell installs it as on Colab, then the
+    # notebook runs small, its files and cache under tmp_path.
+    wheel, _ = build(tmp_path_factory)
+    python, site_packages = fresh_environment(tmp_path / "venv")
+    variables = environment(
+        PIP_FIND_LINKS=str(wheel.parent),
+        JUPYTER_PATH=str(kernel_for(python, tmp_path / "jupyter")),
+        KERAS_SP_SMALL="1",
+        KERAS_SP_CACHE=str(tmp_path / "cache"),
     )
-    monkeypatch.setenv("PYTHONPATH", path)
-    monkeypatch.setenv("KERAS_SP_SMALL", "1")
-    monkeypatch.setenv("KERAS_SP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    for variable in set(os.environ) - set(variables):
+        monkeypatch.delenv(variable)
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
     notebook = read(name)
+    notebook.cells.append(nbformat.v4.new_code_cell(PROBE))
     client = NotebookClient(
         notebook,
         timeout=600,
-        kernel_name="python3",
+        kernel_name=KERNEL,
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
@@ -106,5 +136,8 @@ def test_runs_top_to_bottom_at_small_size(name, tmp_path, monkeypatch):
         if output.output_type == "error"
     ]
     assert errors == []
-    # keras_sp is importable here, so the install cell does nothing.
-    assert install_cell(notebook).outputs == []
+    # The install cell installed the wheel, and the notebook imported it.
+    installer = site_packages / "keras_sp-0.1.0.dist-info" / "INSTALLER"
+    assert installer.read_text() == "pip\n"
+    (output,) = notebook.cells[-1].outputs
+    assert output.text == f"{site_packages / 'keras_sp' / '__init__.py'}\n"
