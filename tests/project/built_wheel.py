@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What a checkout holds besides its sources (data sets and results can be
 # large): not copied into the build.
 NOT_SOURCES = shutil.ignore_patterns(
