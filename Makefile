@@ -30,8 +30,9 @@ demo: $(STAMP) data
 
 # The test suite: the library's tests and docstring examples once per Keras
 # backend, then the reproduction kit's and the project's tests (the docs
-# build and the notebooks at small size included) on TensorFlow. pytest's
-# exit code 5 (nothing collected) is not a failure.
+# build and the notebooks at small size included) on TensorFlow, and the
+# multi-device tests (each starts its own processes, so not in parallel).
+# pytest's exit code 5 (nothing collected) is not a failure.
 BACKENDS := tensorflow jax torch
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2
 LIBRARY_DOCTESTS := keras_sp --ignore=keras_sp/experiments
@@ -51,6 +52,7 @@ test-kit: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PYTEST) tests/experiments tests/project \
 		keras_sp/experiments --doctest-modules; \
 	status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ]
+	$(PY) -m pytest -q -p no:cacheprovider tests/devices
 
 # The documentation site in site/, built with warnings as errors, then the
 # check that the API reference documents every public symbol.

@@ -8,6 +8,7 @@ papers are in `keras_sp.experiments`, which nothing here imports.
 """
 
 from keras_sp import callbacks
+from keras_sp import distribution
 from keras_sp import fisher
 from keras_sp import layers
 from keras_sp import regularizers
@@ -34,6 +35,7 @@ __all__ = [
     "copy_units",
     "deepen",
     "depth_units",
+    "distribution",
     "fisher",
     "freeze_batchnorm",
     "freeze_first",
