@@ -25,8 +25,12 @@ KIT = PACKAGE / "experiments"
 MAX_LINES = 600
 # Modules whose whole point is one backend; the library imports them inside
 # the code path of that backend only (`keras_sp.fisher` imports
-# `_fisher_tensorflow` when the backend is TensorFlow).
-BACKEND_MODULES = {"_fisher_tensorflow.py"}
+# `_fisher_tensorflow` when the backend is TensorFlow, and so on).
+BACKEND_MODULES = {
+    "_fisher_tensorflow.py",
+    "_fisher_jax.py",
+    "_fisher_torch.py",
+}
 LIBRARY_IMPORTS = {"keras", "numpy", "keras_sp"}
 
 IMPORTS = """
