@@ -21,7 +21,7 @@ import numpy as np
 
 from keras_sp import _keras_private
 from keras_sp import penalties
-from keras_sp.layers import grow
+from keras_sp.layers import grow_layer as grow
 
 __all__ = [
     "deepen",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keras_sp.experiments import cli
-from keras_sp.experiments import grow
+from keras_sp.experiments import growing_a_brain as grow
 from keras_sp.experiments.config import ConfigError
 
 _RUN_ONE = grow._run_one
@@ -152,7 +152,7 @@ def test_cli_bad_config_exits_with_a_one_line_error(
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(
-        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.grow",)
+        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.growing_a_brain",)
     )
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"units": 0}))

@@ -402,8 +402,9 @@ def add_parser(subparsers):
     )
     parser.add_argument(
         "--config",
-        help="JSON config (keys of keras_sp.experiments.grow.GrowConfig; a "
-        "config of another subcommand is refused); default: the CPU-scale "
+        help="JSON config (keys of "
+        "keras_sp.experiments.growing_a_brain.GrowConfig; a config of "
+        "another subcommand is refused); default: the CPU-scale "
         "Fashion-MNIST setting",
     )
     parser.add_argument(
