@@ -151,7 +151,7 @@ def test_grow_twice(tmp_path, monkeypatch):
         "seeds": [0],
         "per_class": [2],
         "test_per_class": 3,
-        "units": 4,
+        "channels": 4,
         "steps": 2,
         "batch_size": 5,
         "source_epochs": 1,
