@@ -213,6 +213,16 @@ class GrowLayer(keras.layers.Wrapper):
         self.new_layer = type(layer).from_config(config)
 
     @property
+    def new_units(self):
+        """`new_layer` under its name in files saved before the rename.
+
+        Keras finds a sublayer's weights in a `.keras` file under the
+        attribute that holds it; files saved before hold them under
+        `new_units`, which this alias keeps loading. Use `new_layer`.
+        """
+        return self.new_layer
+
+    @property
     def old_channels(self):
         """The number of output channels of the wrapped layer."""
         return output_channels(self.layer)

@@ -1,7 +1,10 @@
 """GrowLayer and ScaledL2Normalization against NumPy closed forms."""
 
+import io
 import os
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -323,3 +326,51 @@ def test_normalisation_brings_new_channels_gradient_closer_to_old():
     distance = {key: abs(np.log(value)) for key, value in ratios.items()}
     assert ratios[False] < 0.05
     assert distance[True] < distance[False]
+
+
+def _as_saved_before_the_rename(path, old_path):
+    """Rewrites a `.keras` file as GrowLayer files were saved before its
+    argument `units` became `channels` and its sublayer `new_units` became
+    `new_layer`."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(old_path, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                text = data.decode()
+                assert '"channels": 3' in text
+                data = text.replace('"channels": 3', '"units": 3').encode()
+            elif item.filename == "model.weights.h5":
+                buffer = io.BytesIO(data)
+                with h5py.File(buffer, "r+") as weights:
+                    weights.move(
+                        "layers/grow_layer/new_layer",
+                        "layers/grow_layer/new_units",
+                    )
+                data = buffer.getvalue()
+            out.writestr(item, data)
+
+
+def test_files_saved_before_the_rename_load(tmp_path):
+    inputs = keras.Input((5,))
+    grow = GrowLayer(_dense(), channels=3, name="fc_grow")
+    outputs = keras.layers.Dense(2, name="head")(grow(inputs))
+    model = keras.Model(inputs, outputs)
+    grow.gamma.assign(np.linspace(1, 3, 9).astype("float32"))
+    path = os.path.join(tmp_path, "new.keras")
+    model.save(path)
+    with zipfile.ZipFile(path) as saved:
+        with h5py.File(io.BytesIO(saved.read("model.weights.h5"))) as f:
+            assert "layers/grow_layer/new_layer/vars/0" in f
+            assert "layers/grow_layer/new_units" not in f
+    old_path = os.path.join(tmp_path, "old.keras")
+    _as_saved_before_the_rename(path, old_path)
+    loaded = keras.saving.load_model(old_path)
+    restored = loaded.get_layer("fc_grow")
+    assert restored.channels == 3
+    np.testing.assert_array_equal(
+        restored.new_layer.kernel.numpy(), grow.new_layer.kernel.numpy()
+    )
+    x = np.random.default_rng(8).normal(size=(4, 5)).astype("float32")
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    )
