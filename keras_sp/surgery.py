@@ -402,8 +402,7 @@ def widen(
             must have exactly one consumer, or be a model output (directly
             or through layers without weights), which then grows by `channels`
             channels: this needs `change_outputs=True`.
-        channels: int >= 1, the number of new output channels (units of a
-            Dense layer, filters of a Conv2D layer).
+        channels: int >= 1, the number of new output channels.
         consumer_initializer: the consumer's new input weights: `"random"`
             (default: small random values, N(0, 0.01²), as the fully
             connected layers of the paper's Caffe models), `"zeros"` (the
