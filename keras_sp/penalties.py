@@ -61,7 +61,7 @@ REGULARIZER_ATTRIBUTES = {
     "beta": ("beta_regularizer",),
     "embeddings": ("embeddings_regularizer",),
 }
-_OURS = (regularizers.L2, regularizers._StartingPointPenalty)
+_OURS = (regularizers.WeightDecay, regularizers._StartingPointPenalty)
 
 
 class _Memory:
@@ -519,7 +519,7 @@ def regularize(
                 f = np.minimum(f, fisher_clip)
             f = f + fisher_epsilon
         if kind == "l2":
-            regularizer = regularizers.L2(alpha)
+            regularizer = regularizers.WeightDecay(alpha)
         elif kind in ("l2_sp", "l2_sp_fisher"):
             regularizer = regularizers.L2SP(alpha, w0, fisher=f)
         elif kind == "l1_sp":
@@ -542,6 +542,6 @@ def regularize(
     }
     if beta > 0:
         for layer, variable in new:
-            _attach(layer, variable, regularizers.L2(beta))
+            _attach(layer, variable, regularizers.WeightDecay(beta))
     _reset_compiled_functions(model)
     return model

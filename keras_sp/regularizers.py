@@ -1,8 +1,8 @@
 """The -SP penalty family of Li, Grandvalet & Davoine as Keras regularizers.
 
 Every penalty follows the paper's convention: squared norms carry a factor
-1/2 (as `tf.nn.l2_loss`), so `L2(alpha)` is alpha/2 ||w||^2, which is half of
-`keras.regularizers.L2(alpha)`.
+1/2 (as `tf.nn.l2_loss`), so `WeightDecay(alpha)` is alpha/2 ||w||^2, which is
+half of `keras.regularizers.L2(alpha)`.
 
 The starting point w0 and the Fisher weights F are held in non-trainable
 variables of the regularizer. They are saved with the model's weights (in a
@@ -19,6 +19,7 @@ Reference:
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -30,8 +31,8 @@ __all__ = [
     "GROUP_LASSO_EPSILON",
     "GroupLassoSP",
     "L1SP",
-    "L2",
     "L2SP",
+    "WeightDecay",
 ]
 
 # Added inside the square root of each group norm so that its gradient is
@@ -127,14 +128,16 @@ def _constant_variable(value, name):
 
 
 @keras.saving.register_keras_serializable(package="keras_sp")
-class L2(keras.regularizers.Regularizer):
+class WeightDecay(keras.regularizers.Regularizer):
     """Plain weight decay toward the origin (eq. 1), in the paper's convention.
 
     `Omega(w) = alpha / 2 * ||w||_2^2`
 
-    This is the standard fine-tuning baseline, and the penalty eq. 3 puts on
-    the new layers (with coefficient beta). Note the factor 1/2: this is half
-    of `keras.regularizers.L2(alpha)`.
+    This is the standard fine-tuning baseline ("L2" in the paper), and the
+    penalty eq. 3 puts on the new layers (with coefficient beta). Note the
+    factor 1/2: `WeightDecay(alpha)` is half of
+    `keras.regularizers.L2(alpha)`, i.e. equal to
+    `keras.regularizers.L2(alpha / 2)`.
 
     Args:
         alpha: non-negative float, the regularization strength.
@@ -142,7 +145,7 @@ class L2(keras.regularizers.Regularizer):
     Example:
 
     >>> import numpy as np
-    >>> float(L2(alpha=0.5)(np.ones((2, 2), "float32")))
+    >>> float(WeightDecay(alpha=0.5)(np.ones((2, 2), "float32")))
     1.0
 
     Reference:
@@ -164,7 +167,27 @@ class L2(keras.regularizers.Regularizer):
         return {"alpha": self.alpha}
 
     def __repr__(self):
-        return f"L2(alpha={self.alpha})"
+        return f"{type(self).__name__}(alpha={self.alpha})"
+
+
+@keras.saving.register_keras_serializable(package="keras_sp")
+class L2(WeightDecay):
+    """Deprecated name of `WeightDecay`; kept to load models saved with it.
+
+    Models saved before the rename hold the registered name `"keras_sp>L2"`;
+    they load into this class, which warns and behaves as `WeightDecay`.
+    New code uses `WeightDecay` (half of `keras.regularizers.L2(alpha)`).
+    """
+
+    def __init__(self, alpha=0.01):
+        warnings.warn(
+            "keras_sp.regularizers.L2 is deprecated: use "
+            "keras_sp.regularizers.WeightDecay (alpha/2 ||w||^2, half of "
+            "keras.regularizers.L2(alpha)).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(alpha)
 
 
 class _StartingPointPenalty(
@@ -349,7 +372,7 @@ class L2SP(_StartingPointPenalty):
 
     `Omega(w) = alpha / 2 * sum_j F_j (w_j - w0_j)^2`  (eq. 4)
 
-    With w0 = 0 and no Fisher weights, it equals `L2` (eq. 1).
+    With w0 = 0 and no Fisher weights, it equals `WeightDecay` (eq. 1).
 
     Args:
         alpha: non-negative float, the regularization strength.

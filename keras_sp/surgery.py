@@ -21,7 +21,7 @@ import numpy as np
 
 from keras_sp import _keras_private
 from keras_sp import penalties
-from keras_sp.layers import grow
+from keras_sp.layers import grow_layer as grow
 
 __all__ = [
     "deepen",
@@ -357,16 +357,16 @@ class _Surgery:
 def widen(
     model,
     layer_name,
-    units,
+    channels,
     *,
     consumer_initializer="random",
     change_outputs=False,
     **grow_options,
 ):
-    """Widens a pretrained layer with new units: the WA-CNN of the paper.
+    """Widens a pretrained layer with new channels: the WA-CNN of the paper.
 
     In a copy of `model`, the Dense or Conv2D layer `layer_name` becomes a
-    `keras_sp.layers.GrowLayer` with `units` new units, whose output is
+    `keras_sp.layers.GrowLayer` with `channels` new channels, whose output is
 
         y = [γ_old ⊙ h / ‖h‖₂, γ_new ⊙ h⁺ / ‖h⁺‖₂]
 
@@ -380,7 +380,7 @@ def widen(
 
     The GrowLayer is named `"<layer_name>_grow"` and keeps the pretrained
     layer, a copy named `layer_name`, inside. With `keras_sp.regularize`,
-    put its sublayer `"<layer_name>_grow_new_units"` in `new_layers` (see
+    put its sublayer `"<layer_name>_grow_new"` in `new_layers` (see
     `GrowLayer`), and keep the default `starting_point=None`: the widened
     consumer's kernel has a new shape, so the grown model's own weights are
     the starting point.
@@ -400,16 +400,16 @@ def widen(
             it are searched too). It is not changed.
         layer_name: name of the Dense or Conv2D layer to widen. Its output
             must have exactly one consumer, or be a model output (directly
-            or through layers without weights), which then grows by `units`
+            or through layers without weights), which then grows by `channels`
             channels: this needs `change_outputs=True`.
-        units: int >= 1, the number of new units.
+        channels: int >= 1, the number of new output channels.
         consumer_initializer: the consumer's new input weights: `"random"`
             (default: small random values, N(0, 0.01²), as the fully
             connected layers of the paper's Caffe models), `"zeros"` (the
             consumer's output is unchanged at first), or a
             `keras.initializers.Initializer`.
         change_outputs: bool (default False); True lets `layer_name` be the
-            output layer, which then gets `units` more outputs (classes).
+            output layer, which then gets `channels` more outputs (classes).
             Otherwise that raises a ValueError naming both output shapes.
         **grow_options: passed to `GrowLayer`: `normalize`, `scale_init`,
             `kernel_initializer`, `bias_initializer`, `epsilon`, `name`.
@@ -424,7 +424,7 @@ def widen(
     >>> model = keras.Sequential([keras.Input((3,)),
     ...     keras.layers.Dense(4, activation="relu", name="fc"),
     ...     keras.layers.Dense(2, name="head")])
-    >>> grown = widen(model, "fc", units=2)
+    >>> grown = widen(model, "fc", channels=2)
     >>> tuple(grown.get_layer("head").kernel.shape)
     (6, 2)
 
@@ -433,7 +433,7 @@ def widen(
         Model Capacity". CVPR 2017, section 3 (WA-CNN).
     """
     _check_model(model)
-    units = grow.check_units(units)
+    channels = grow.check_channels(channels)
     change_outputs = grow._check_bool("change_outputs", change_outputs)
     unknown = sorted(set(grow_options) - set(GROW_OPTIONS))
     if unknown:
@@ -449,7 +449,7 @@ def widen(
     pretrained.build_from_config(target.get_build_config())
     pretrained.set_weights(target.get_weights())
     grow_options.setdefault("name", f"{target.name}_grow")
-    grow_layer = grow.GrowLayer(pretrained, units, **grow_options)
+    grow_layer = grow.GrowLayer(pretrained, channels, **grow_options)
 
     def replace(layer, *args, **kwargs):
         outputs = grow_layer(*args, **kwargs)
@@ -463,7 +463,7 @@ def widen(
                 new.assign(old)
                 continue
             shape = list(old.shape)
-            shape[-2] = units
+            shape[-2] = channels
             rows = keras.ops.convert_to_numpy(
                 initializer(tuple(shape), dtype=new.dtype)
             )
@@ -478,7 +478,7 @@ def widen(
 def deepen(
     model,
     after,
-    units,
+    channels,
     *,
     normalize=True,
     scale_init=10.0,
@@ -495,15 +495,15 @@ def deepen(
 
         h⁺ = activation(W x + b),   y = γ ⊙ h⁺ / ‖h⁺‖₂  (normalize=True)
 
-    a Dense layer of `units` units, or a 1×1 Conv2D of `units` filters when
-    x is a feature map (rank 4; the norm is then across channels at each
-    position), followed with `normalize=True` by a
+    a Dense layer of `channels` units, or a 1×1 Conv2D of `channels`
+    filters when x is a feature map (rank 4; the norm is then across
+    channels at each position), followed with `normalize=True` by a
     `keras_sp.layers.ScaledL2Normalization` (γ per channel, starting at
-    `scale_init`). Every other weight is copied exactly. When `units`
+    `scale_init`). Every other weight is copied exactly. When `channels`
     differs from the width of x, the Dense or Conv2D layers consuming y
     (directly or through channel-wise layers) get a kernel of the new shape,
     freshly initialised by their own `kernel_initializer`; their other
-    weights are copied. Keep `units` equal to the width of x to keep every
+    weights are copied. Keep `channels` equal to the width of x to keep every
     pretrained weight.
 
     The new layers are named `"<after>_deepen"` and `"<after>_deepen_scale"`
@@ -515,7 +515,7 @@ def deepen(
         model: a built functional or Sequential model (models nested inside
             it are searched too). It is not changed.
         after: name of the layer (or nested model) after which to insert.
-        units: int >= 1, the width of the new layer.
+        channels: int >= 1, the width (output channels) of the new layer.
         normalize: bool, whether to L2-normalise and rescale the new
             layer's output (default True).
         scale_init: positive float, the initial γ.
@@ -524,7 +524,7 @@ def deepen(
         epsilon: positive float added to ‖h⁺‖² before the square root.
         name: optional name of the new layer.
         change_outputs: bool (default False); True lets `after` be the
-            output layer, the new layer then computing the outputs (`units`
+            output layer, the new layer then computing the outputs (`channels`
             of them). Otherwise that raises a ValueError naming the shapes.
 
     Returns:
@@ -537,7 +537,7 @@ def deepen(
     >>> model = keras.Sequential([keras.Input((3,)),
     ...     keras.layers.Dense(4, activation="relu", name="fc"),
     ...     keras.layers.Dense(2, name="head")])
-    >>> deeper = deepen(model, after="fc", units=4)
+    >>> deeper = deepen(model, after="fc", channels=4)
     >>> [layer.name for layer in deeper.layers[1:]]
     ['fc', 'fc_deepen', 'fc_deepen_scale', 'head']
 
@@ -546,7 +546,7 @@ def deepen(
         Model Capacity". CVPR 2017, section 3 (DA-CNN).
     """
     _check_model(model)
-    units = grow.check_units(units)
+    channels = grow.check_channels(channels)
     normalize = grow._check_bool("normalize", normalize)
     change_outputs = grow._check_bool("change_outputs", change_outputs)
     if name is None:
@@ -571,7 +571,7 @@ def deepen(
             )
         if len(outputs.shape) == 4:
             new_layer = keras.layers.Conv2D(
-                units,
+                channels,
                 1,
                 activation=activation,
                 kernel_initializer=kernel_initializer,
@@ -579,7 +579,7 @@ def deepen(
             )
         else:
             new_layer = keras.layers.Dense(
-                units,
+                channels,
                 activation=activation,
                 kernel_initializer=kernel_initializer,
                 name=name,

@@ -33,9 +33,9 @@ __all__ = [
 EXPERIMENT_MODULES = (
     "keras_sp.experiments.demo",
     "keras_sp.experiments.finetune",
-    "keras_sp.experiments.grow",
+    "keras_sp.experiments.growing_a_brain",
     "keras_sp.experiments.transferability",
-    "keras_sp.experiments.fisher",
+    "keras_sp.experiments.fisher_command",
 )
 TOOL_MODULES = ("keras_sp.experiments.convert_mobilenet",)
 

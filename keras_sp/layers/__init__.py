@@ -1,7 +1,7 @@
 """Keras layers of keras-sp."""
 
-from keras_sp.layers.grow import GrowLayer
-from keras_sp.layers.grow import ScaledL2Normalization
+from keras_sp.layers.grow_layer import GrowLayer
+from keras_sp.layers.grow_layer import ScaledL2Normalization
 
 __all__ = [
     "GrowLayer",

@@ -24,8 +24,8 @@ from keras_sp.experiments import cli
 from keras_sp.experiments import config
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import finetune
-from keras_sp.experiments import fisher
-from keras_sp.experiments import grow
+from keras_sp.experiments import fisher_command as fisher
+from keras_sp.experiments import growing_a_brain as grow
 from keras_sp.experiments import results
 from keras_sp.experiments import transferability
 from keras_sp.experiments.config import ConfigError

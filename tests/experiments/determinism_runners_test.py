@@ -20,7 +20,7 @@ from keras_sp.experiments import data as datasets
 from keras_sp.experiments import demo
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import finetune
-from keras_sp.experiments import grow
+from keras_sp.experiments import growing_a_brain as grow
 from keras_sp.experiments import transferability
 from keras_sp.experiments.config import load_config
 
@@ -151,7 +151,7 @@ def test_grow_twice(tmp_path, monkeypatch):
         "seeds": [0],
         "per_class": [2],
         "test_per_class": 3,
-        "units": 4,
+        "channels": 4,
         "steps": 2,
         "batch_size": 5,
         "source_epochs": 1,
@@ -192,7 +192,7 @@ def test_fisher_command_twice(tmp_path, monkeypatch, mode):
         x=np.random.default_rng(0).normal(size=(9, 5)).astype("float32"),
     )
     monkeypatch.setattr(
-        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.fisher",)
+        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.fisher_command",)
     )
     written = []
     for name in ("one", "two"):

@@ -26,7 +26,7 @@ def write_inputs(tmp_path, with_labels=True):
 
 def run_cli(monkeypatch, *argv):
     monkeypatch.setattr(
-        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.fisher",)
+        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.fisher_command",)
     )
     return cli.main(["fisher", *argv])
 
@@ -34,7 +34,7 @@ def run_cli(monkeypatch, *argv):
 def test_fisher_command_writes_the_fisher_of_the_model(
     tmp_path, monkeypatch, capsys
 ):
-    assert "keras_sp.experiments.fisher" in cli.EXPERIMENT_MODULES
+    assert "keras_sp.experiments.fisher_command" in cli.EXPERIMENT_MODULES
     model, arrays = write_inputs(tmp_path)
     out = tmp_path / "out"
     argv = [

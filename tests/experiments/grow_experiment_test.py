@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keras_sp.experiments import cli
-from keras_sp.experiments import grow
+from keras_sp.experiments import growing_a_brain as grow
 from keras_sp.experiments.config import ConfigError
 
 _RUN_ONE = grow._run_one
@@ -17,7 +17,7 @@ TINY = {
     "seeds": [0, 1],
     "per_class": [2],
     "test_per_class": 3,
-    "units": 4,
+    "channels": 4,
     "steps": 2,
     "batch_size": 5,
     "source_epochs": 1,
@@ -81,7 +81,7 @@ def test_runs_every_method_on_the_same_data_and_resumes(
     assert len({run["training_images"] for run in runs}) == 2
 
     # Parameters: the small CNN (fc: 64 -> 128) with a 5-class head, then
-    # 4 new fc units (+ their head rows, + gamma per channel) or a new
+    # 4 new fc channels (+ their head rows, + gamma per channel) or a new
     # 128 -> 4 layer (+ gamma) feeding a 4 -> 5 head.
     params = {run["method"]: run["trainable_parameters"] for run in runs}
     base = params["fine_tuning"]
@@ -152,18 +152,18 @@ def test_cli_bad_config_exits_with_a_one_line_error(
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(
-        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.grow",)
+        cli, "EXPERIMENT_MODULES", ("keras_sp.experiments.growing_a_brain",)
     )
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"units": 0}))
+    config.write_text(json.dumps({"channels": 0}))
     code = cli.main(
         ["grow", "--config", str(config), "--out", str(tmp_path / "out")]
     )
     error = capsys.readouterr().err
     assert code == 2
     assert error.count("\n") == 1
-    assert error.startswith("keras-sp grow: error: Config key 'units'")
-    assert "Received: units=0" in error
+    assert error.startswith("keras-sp grow: error: Config key 'channels'")
+    assert "Received: channels=0" in error
     assert not os.path.exists(tmp_path / "out")
 
 

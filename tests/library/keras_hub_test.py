@@ -273,7 +273,7 @@ def test_widen_fc_on_pooled_features_copies_every_weight(
     backbone, _ = _pretrained_backbone(tmp_path, config)
     model = _classifier(backbone, functional, fc_units=8)
     before = {_key(v): np.array(v.numpy()) for v in model.weights}
-    grown = keras_sp.widen(model, "fc", units=4)
+    grown = keras_sp.widen(model, "fc", channels=4)
     # The original model is untouched.
     for variable in model.weights:
         np.testing.assert_array_equal(variable.numpy(), before[_key(variable)])
@@ -299,7 +299,7 @@ def test_widen_fc_on_pooled_features_copies_every_weight(
     # pretrained one, so the copied backbone (BN statistics included) is
     # exact.
     plain = keras_sp.widen(
-        model, "fc", units=4, normalize=False, consumer_initializer="zeros"
+        model, "fc", channels=4, normalize=False, consumer_initializer="zeros"
     )
     x = _images(4, seed=5)
     np.testing.assert_allclose(
@@ -326,7 +326,7 @@ def test_widen_inside_the_backbone_is_a_clear_error(
             f".*Received: layer_name='{layer_name}'"
         ),
     ):
-        keras_sp.widen(model, layer_name, units=4)
+        keras_sp.widen(model, layer_name, channels=4)
 
 
 def test_importing_keras_sp_does_not_import_keras_hub():

@@ -535,4 +535,4 @@ def test_attached_penalties_lists_regularizers_in_weight_order():
     in_weights = [v.path for v in model.weights if v.path in listed]
     assert listed == in_weights
     kinds = [type(r) for _, _, r in penalties.attached_penalties(model)]
-    assert kinds == [regularizers.L2SP] * 3 + [regularizers.L2]
+    assert kinds == [regularizers.L2SP] * 3 + [regularizers.WeightDecay]

@@ -179,7 +179,7 @@ def _penalty(case, alpha=None, fisher="case"):
         keras.ops.convert_to_numpy(_tensor(case["w0"], case["dtype"]))
     )
     if kind == "l2":
-        return regularizers.L2(alpha)
+        return regularizers.WeightDecay(alpha)
     if kind in ("l2_sp", "l2_sp_fisher"):
         return regularizers.L2SP(alpha, w0, fisher=fisher)
     if kind == "l1_sp":

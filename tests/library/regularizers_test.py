@@ -66,15 +66,15 @@ def test_value_and_gradient_match_the_paper(
     )
 
 
-def test_l2_is_half_of_keras_l2():
+def test_weight_decay_is_half_of_keras_l2():
     w, _, _ = _arrays((4, 3))
     np.testing.assert_allclose(
-        float(regularizers.L2(0.2)(w)),
+        float(regularizers.WeightDecay(0.2)(w)),
         shared_penalty("l2", 0.2, w, None, None, ()),
         rtol=1e-6,
     )
     np.testing.assert_allclose(
-        float(regularizers.L2(0.2)(w)),
+        float(regularizers.WeightDecay(0.2)(w)),
         float(keras.regularizers.L2(0.2)(w)) / 2,
         rtol=1e-6,
     )
@@ -98,7 +98,7 @@ def test_zero_starting_point_is_plain_l2():
     w, _, _ = _arrays((3, 3, 2, 4))
     l2_sp = regularizers.L2SP(0.3, starting_point=np.zeros_like(w))
     np.testing.assert_allclose(
-        float(l2_sp(w)), float(regularizers.L2(0.3)(w)), rtol=1e-6
+        float(l2_sp(w)), float(regularizers.WeightDecay(0.3)(w)), rtol=1e-6
     )
 
 
@@ -160,7 +160,7 @@ def test_bad_alpha(alpha):
     with pytest.raises(ValueError, match="alpha"):
         regularizers.L2SP(alpha, starting_point=np.zeros(3))
     with pytest.raises(ValueError, match="alpha"):
-        regularizers.L2(alpha)
+        regularizers.WeightDecay(alpha)
 
 
 @pytest.mark.parametrize(

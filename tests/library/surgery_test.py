@@ -68,7 +68,7 @@ def test_widen_nested_fc_copies_weights_and_widens_the_head():
     model = _small_cnn()
     before = _snapshot(model)
     names = [layer.name for layer in model.layers]
-    grown = surgery.widen(model, "fc", units=3)
+    grown = surgery.widen(model, "fc", channels=3)
     _assert_untouched(model, before, names)
     _assert_copied(model, grown, skip={"head/kernel"})
     grow = grown.get_layer("backbone").get_layer("fc_grow")
@@ -89,13 +89,13 @@ def test_widen_with_zero_consumer_rows_keeps_the_function():
     model = _small_cnn()
     x = _images()
     plain = surgery.widen(
-        model, "fc", units=3, normalize=False, consumer_initializer="zeros"
+        model, "fc", channels=3, normalize=False, consumer_initializer="zeros"
     )
     np.testing.assert_allclose(
         plain.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
     )
     scaled = surgery.widen(
-        model, "fc", units=3, scale_init=4.0, consumer_initializer="zeros"
+        model, "fc", channels=3, scale_init=4.0, consumer_initializer="zeros"
     )
     features = model.get_layer("backbone").predict(x, verbose=0)
     head = model.get_layer("head")
@@ -113,7 +113,11 @@ def test_widen_conv_through_channelwise_layers_to_a_conv_consumer():
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
     grown = surgery.widen(
-        model, "conv_a", units=2, normalize=False, consumer_initializer="zeros"
+        model,
+        "conv_a",
+        channels=2,
+        normalize=False,
+        consumer_initializer="zeros",
     )
     kernel = grown.get_layer("conv_b").kernel.numpy()
     assert kernel.shape == (3, 3, 5, 4)
@@ -132,7 +136,7 @@ def test_widen_vgg16_fc2():
     model = keras.applications.VGG16(
         weights=None, input_shape=(32, 32, 3), classes=7
     )
-    grown = surgery.widen(model, "fc2", units=16)
+    grown = surgery.widen(model, "fc2", channels=16)
     _assert_copied(model, grown, skip={"predictions/kernel"})
     kernel = grown.get_layer("predictions").kernel.numpy()
     assert kernel.shape == (4096 + 16, 7)
@@ -148,7 +152,7 @@ def test_deepen_resnet50_pooled_features_keeps_every_weight():
     )
     model = keras.Sequential([base, keras.layers.Dense(3, name="head")])
     model.build((None, 32, 32, 3))
-    deeper = surgery.deepen(model, after="avg_pool", units=2048)
+    deeper = surgery.deepen(model, after="avg_pool", channels=2048)
     _assert_copied(model, deeper)
     assert len(deeper.weights) == len(model.weights) + 3
     inner = deeper.get_layer("resnet50")
@@ -162,7 +166,7 @@ def test_deepen_small_cnn_after_fc_with_and_without_width_change():
     model = _small_cnn()
     before = _snapshot(model)
     names = [layer.name for layer in model.layers]
-    deeper = surgery.deepen(model, after="fc", units=8, scale_init=3.0)
+    deeper = surgery.deepen(model, after="fc", channels=8, scale_init=3.0)
     _assert_untouched(model, before, names)
     _assert_copied(model, deeper)
     backbone = deeper.get_layer("backbone")
@@ -174,14 +178,14 @@ def test_deepen_small_cnn_after_fc_with_and_without_width_change():
     features = backbone.predict(_images(), verbose=0)
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 3.0, 1e-4)
 
-    narrow = surgery.deepen(model, after="fc", units=4, normalize=False)
+    narrow = surgery.deepen(model, after="fc", channels=4, normalize=False)
     _assert_copied(model, narrow, skip={"head/kernel"})
     assert narrow.get_layer("head").kernel.shape == (4, 5)
     assert "fc_deepen_scale" not in [
         layer.name for layer in narrow.get_layer("backbone").layers
     ]
 
-    conv = surgery.deepen(model, after="relu3", units=16, name="conv_new")
+    conv = surgery.deepen(model, after="relu3", channels=16, name="conv_new")
     layer = conv.get_layer("backbone").get_layer("conv_new")
     assert isinstance(layer, keras.layers.Conv2D)
     assert layer.kernel_size == (1, 1) and layer.filters == 16
@@ -191,8 +195,8 @@ def test_deepen_small_cnn_after_fc_with_and_without_width_change():
 
 def test_grown_model_round_trips_through_a_keras_file(tmp_path):
     model = _small_cnn()
-    grown = surgery.widen(model, "fc", units=3)
-    grown = surgery.deepen(grown, after="fc_grow", units=11)
+    grown = surgery.widen(model, "fc", channels=3)
+    grown = surgery.deepen(grown, after="fc_grow", channels=11)
     path = os.path.join(tmp_path, "grown.keras")
     grown.save(path)
     loaded = keras.saving.load_model(path)
@@ -204,7 +208,7 @@ def test_grown_model_round_trips_through_a_keras_file(tmp_path):
 
 def test_regularize_after_deepen_treats_the_new_layer_as_new():
     model = _small_cnn()
-    deeper = surgery.deepen(model, after="fc", units=8)
+    deeper = surgery.deepen(model, after="fc", channels=8)
     keras_sp.regularize(
         deeper, "l2_sp", alpha=0.1, beta=0.01, new_layers=["head", "fc_deepen"]
     )
@@ -229,7 +233,7 @@ def test_regularize_after_deepen_treats_the_new_layer_as_new():
 def test_keras_sp_penalties_are_not_carried_over():
     model = _small_cnn()
     keras_sp.regularize(model, "l2_sp", alpha=0.1, new_layers=["head"])
-    grown = surgery.widen(model, "fc", units=3)
+    grown = surgery.widen(model, "fc", channels=3)
     assert keras_sp.penalties.attached_penalties(grown) == []
     assert len(keras_sp.penalties.attached_penalties(model)) == 4
 
@@ -261,8 +265,8 @@ def _two_heads():
             lambda m: surgery.widen(m, "conv3", 2),
             "consumer 'bn3' \\(BatchNormalization\\)",
         ),
-        (lambda m: surgery.widen(m, "fc", 0), "Received: units=0"),
-        (lambda m: surgery.deepen(m, "fc", -1), "Received: units=-1"),
+        (lambda m: surgery.widen(m, "fc", 0), "Received: channels=0"),
+        (lambda m: surgery.deepen(m, "fc", -1), "Received: channels=-1"),
         (
             lambda m: surgery.widen(m, "fc", 2, scale_init=0),
             "Received: scale_init=0",
@@ -321,7 +325,7 @@ def test_subclassed_models_are_rejected():
 
 def test_deepen_keeps_several_consumers():
     model = _two_heads()
-    deeper = surgery.deepen(model, after="fc", units=5)
+    deeper = surgery.deepen(model, after="fc", channels=5)
     _assert_copied(model, deeper)
     x = np.ones((1, 4), "float32")
     assert [y.shape for y in deeper.predict(x, verbose=0)] == [(1, 2), (1, 2)]
@@ -374,7 +378,7 @@ def test_widening_the_output_layer_raises_naming_layer_and_shapes(make, name):
             "`change_outputs=True`.*Received: layer_name='head'"
         ),
     ):
-        surgery.widen(model, "head", units=3)
+        surgery.widen(model, "head", channels=3)
     _assert_untouched(model, before, names)
 
 
@@ -384,14 +388,14 @@ def test_widening_the_output_layer_with_the_opt_in_adds_outputs():
     model = _classifier()
     x = _inputs()
     grown = surgery.widen(
-        model, "head", units=3, normalize=False, change_outputs=True
+        model, "head", channels=3, normalize=False, change_outputs=True
     )
     assert grown.output.shape == (None, 5)
     y = grown.predict(x, verbose=0)
     np.testing.assert_allclose(y[:, :2], model.predict(x, verbose=0), 1e-5)
     fc = model.get_layer("fc")
     hidden = np.maximum(x @ fc.kernel.numpy() + fc.bias.numpy(), 0)
-    new = grown.get_layer("head_grow").new_units
+    new = grown.get_layer("head_grow").new_layer
     expected = hidden @ new.kernel.numpy() + new.bias.numpy()
     np.testing.assert_allclose(y[:, 2:], expected, 1e-5, 1e-6)
 
@@ -408,18 +412,18 @@ def test_deepening_after_the_output_layer_raises_naming_layer_and_shapes():
             "from \\(None, 2\\) to \\(None, 6\\).*Received: after='head'"
         ),
     ):
-        surgery.deepen(model, after="head", units=6)
+        surgery.deepen(model, after="head", channels=6)
     # Same width: the shape stays, but new layers would compute the output.
     with pytest.raises(
         ValueError,
         match="make new layers compute its output \\(shape \\(None, 2\\) "
         "kept\\).*Received: after='probs'",
     ):
-        surgery.deepen(model, after="probs", units=2)
+        surgery.deepen(model, after="probs", channels=2)
     # A model whose output is a nested model's output layer.
     backbone = _small_cnn().get_layer("backbone")
     with pytest.raises(ValueError, match="Received: after='fc'"):
-        surgery.deepen(backbone, after="fc", units=8)
+        surgery.deepen(backbone, after="fc", channels=8)
     _assert_untouched(model, before, names)
 
 
@@ -428,7 +432,7 @@ def test_deepening_after_the_output_layer_with_the_opt_in():
     model = _classifier()
     x = _inputs()
     deeper = surgery.deepen(
-        model, after="head", units=6, scale_init=2.0, change_outputs=True
+        model, after="head", channels=6, scale_init=2.0, change_outputs=True
     )
     assert deeper.output.shape == (None, 6)
     new = deeper.get_layer("head_deepen")
@@ -445,7 +449,7 @@ def test_growing_hidden_layers_needs_no_opt_in():
     weights: no opt-in is needed, and the outputs are in closed form."""
     model = _classifier(softmax=True, nested=True)
     x = _inputs()
-    deeper = surgery.deepen(model, after="fc", units=4, normalize=False)
+    deeper = surgery.deepen(model, after="fc", channels=4, normalize=False)
     fc = model.get_layer("inner").get_layer("fc")
     head = model.get_layer("inner").get_layer("head")
     new = deeper.get_layer("inner").get_layer("fc_deepen")
@@ -455,7 +459,7 @@ def test_growing_hidden_layers_needs_no_opt_in():
     probs = np.exp(logits) / np.sum(np.exp(logits), axis=1, keepdims=True)
     np.testing.assert_allclose(deeper.predict(x, verbose=0), probs, 1e-5)
     grown = surgery.widen(
-        model, "fc", units=2, normalize=False, consumer_initializer="zeros"
+        model, "fc", channels=2, normalize=False, consumer_initializer="zeros"
     )
     np.testing.assert_allclose(
         grown.predict(x, verbose=0), model.predict(x, verbose=0), 1e-6

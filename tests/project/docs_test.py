@@ -68,7 +68,7 @@ def public_symbols():
 
     A module is documented under its own name. A class or function may be
     documented where it is defined or under any public name listing it
-    (`keras_sp.layers.GrowLayer` for `keras_sp.layers.grow.GrowLayer`);
+    (`keras_sp.layers.GrowLayer` for `keras_sp.layers.grow_layer.GrowLayer`);
     anything else (constants) under the name that lists it.
     """
     listed = []
@@ -153,9 +153,9 @@ def test_public_symbols_and_the_names_they_may_be_documented_under():
         "keras_sp.regularize",
     }
     assert symbols["keras_sp.callbacks"] == {"keras_sp.callbacks"}
-    assert symbols["keras_sp.layers.grow.GrowLayer"] == {
+    assert symbols["keras_sp.layers.grow_layer.GrowLayer"] == {
         "keras_sp.layers.GrowLayer",
-        "keras_sp.layers.grow.GrowLayer",
+        "keras_sp.layers.grow_layer.GrowLayer",
     }
     assert symbols["keras_sp.penalties.KINDS"] == {"keras_sp.penalties.KINDS"}
     assert not any("._" in symbol for symbol in symbols)

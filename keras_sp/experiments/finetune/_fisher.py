@@ -13,8 +13,8 @@ import numpy as np
 
 import keras_sp
 from keras_sp.experiments.finetune._targets import materialize
-from keras_sp.experiments.fisher import load_fisher
-from keras_sp.experiments.fisher import save_fisher
+from keras_sp.experiments.fisher_command import load_fisher
+from keras_sp.experiments.fisher_command import save_fisher
 from keras_sp.penalties import KERNEL_NAMES
 
 __all__ = [

@@ -4,12 +4,13 @@ Every method starts from the same pretrained network and fine-tunes it on
 the same few target images with the same seeds and the same protocol:
 
 - `fine_tuning`: the pretrained network with a new classifier;
-- `wa_cnn_ori`: `layer` widened by `units` new units, no normalisation
+- `wa_cnn_ori`: `layer` widened by `channels` new channels, no normalisation
   (the paper's WA-CNN-ori);
-- `wa_cnn`: the same, old and new units L2-normalised separately and
+- `wa_cnn`: the same, old and new channels L2-normalised separately and
   rescaled by a learned γ starting at `scale_init` (WA-CNN);
-- `da_cnn`: a new layer of `units` units, normalised and scaled, inserted
-  after `layer` (DA-CNN); `da_cnn_ori` is the same without normalisation.
+- `da_cnn`: a new layer of `channels` channels, normalised and scaled,
+  inserted after `layer` (DA-CNN); `da_cnn_ori` is the same without
+  normalisation.
 
 The default config runs on a CPU: the small CNN of
 `keras_sp.experiments.fashion_source`, pretrained on Fashion-MNIST classes
@@ -67,11 +68,11 @@ class GrowConfig:
     Runs: every method of `methods` (see `METHODS`), for every number of
     training images per target class in `per_class`, for every seed of
     `seeds` (the seed draws the training images and initialises the new
-    classifier and the new units, the same for every method).
+    classifier and the new channels, the same for every method).
 
     Growing: `layer` is the layer widened (and the layer after which
-    DA-CNN inserts its new layer), `units` the number of new units (and the
-    width of the new layer), `scale_init` the initial γ,
+    DA-CNN inserts its new layer), `channels` the number of new channels
+    (and the width of the new layer), `scale_init` the initial γ,
     `consumer_initializer` the widened classifier's new input weights
     ("random": N(0, 0.01²), or "zeros").
 
@@ -105,7 +106,7 @@ class GrowConfig:
     per_class: list[int] = dataclasses.field(default_factory=lambda: [5, 20])
     test_per_class: int | None = None
     layer: str = "fc"
-    units: int = 128
+    channels: int = 128
     scale_init: float = 10.0
     consumer_initializer: str = "random"
     steps: int = 300
@@ -132,7 +133,7 @@ class GrowConfig:
             fail("per_class", "must be a non-empty list of integers >= 1")
         if self.test_per_class is not None and self.test_per_class < 1:
             fail("test_per_class", "must be null or an integer >= 1")
-        for key in ("units", "steps", "batch_size", "source_epochs"):
+        for key in ("channels", "steps", "batch_size", "source_epochs"):
             if getattr(self, key) < 1:
                 fail(key, "must be an integer >= 1")
         for key in ("scale_init", "learning_rate"):
@@ -153,7 +154,7 @@ def build_target_model(source, method, config, seed):
             it is not changed.
         method: one of `METHODS`.
         config: a `GrowConfig`.
-        seed: seeds the new classifier and the new units.
+        seed: seeds the new classifier and the new channels.
 
     Returns:
         A built, uncompiled model returning logits.
@@ -179,7 +180,7 @@ def build_target_model(source, method, config, seed):
         return surgery.widen(
             model,
             config.layer,
-            config.units,
+            config.channels,
             normalize=method == "wa_cnn",
             scale_init=config.scale_init,
             consumer_initializer=config.consumer_initializer,
@@ -187,7 +188,7 @@ def build_target_model(source, method, config, seed):
     return surgery.deepen(
         model,
         after=config.layer,
-        units=config.units,
+        channels=config.channels,
         normalize=method == "da_cnn",
         scale_init=config.scale_init,
     )
@@ -287,9 +288,9 @@ def summarize(runs, config):
         "# Growing a Brain: fine-tuning, widening and deepening",
         "",
         f"Fashion-MNIST classes 0-4 → 5-9; `{config.layer}` widened by "
-        f"{config.units} units / a new layer of {config.units} units after "
-        f"it; γ starts at {config.scale_init:g}; {config.steps} SGD steps "
-        f"(lr {config.learning_rate:g}, ÷10 after 2/3, momentum "
+        f"{config.channels} units / a new layer of {config.channels} units "
+        f"after it; γ starts at {config.scale_init:g}; {config.steps} SGD "
+        f"steps (lr {config.learning_rate:g}, ÷10 after 2/3, momentum "
         f"{config.momentum:g}, batch {config.batch_size}); mean ± sample "
         "standard deviation over seeds; Δ = difference to fine-tuning on the "
         "same seed.",
@@ -402,8 +403,9 @@ def add_parser(subparsers):
     )
     parser.add_argument(
         "--config",
-        help="JSON config (keys of keras_sp.experiments.grow.GrowConfig; a "
-        "config of another subcommand is refused); default: the CPU-scale "
+        help="JSON config (keys of "
+        "keras_sp.experiments.growing_a_brain.GrowConfig; a config of "
+        "another subcommand is refused); default: the CPU-scale "
         "Fashion-MNIST setting",
     )
     parser.add_argument(

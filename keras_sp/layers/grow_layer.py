@@ -1,5 +1,5 @@
-"""Growing a network: new units beside a pretrained layer, normalised and
-scaled so that old and new units learn at the same pace.
+"""Growing a network: new channels beside a pretrained layer, normalised and
+scaled so that old and new channels learn at the same pace.
 
 Reference:
     Wang, Ramanan, Hebert. "Growing a Brain: Fine-Tuning by Increasing Model
@@ -45,13 +45,18 @@ def _check_bool(name, value):
     return value
 
 
-def check_units(units):
-    """Returns `units` if it is an int >= 1, else raises a ValueError."""
-    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+def check_channels(channels):
+    """Returns `channels` if it is an int >= 1, else raises a ValueError."""
+    if (
+        isinstance(channels, bool)
+        or not isinstance(channels, int)
+        or channels < 1
+    ):
         raise ValueError(
-            f"`units` must be an integer >= 1. Received: units={units!r}"
+            "`channels` must be an integer >= 1. Received: "
+            f"channels={channels!r}"
         )
-    return units
+    return channels
 
 
 def output_channels(layer):
@@ -89,10 +94,10 @@ def check_growable(layer, argument="layer"):
 
 @keras.saving.register_keras_serializable(package="keras_sp")
 class GrowLayer(keras.layers.Wrapper):
-    """Widens a pretrained Dense or Conv2D layer with new units (WA-CNN).
+    """Widens a pretrained Dense or Conv2D layer with new channels (WA-CNN).
 
-    The wrapped layer computes the pretrained activations h; `units` new
-    units of the same kind (same activation, same kernel size) compute h⁺
+    The wrapped layer computes the pretrained activations h; `channels` new
+    channels of the same kind (same activation, same kernel size) compute h⁺
     from the same input. With `normalize=True` each part is L2-normalised
     on its own and every channel is rescaled by a learned γ:
 
@@ -105,17 +110,17 @@ class GrowLayer(keras.layers.Wrapper):
     `sqrt(‖h‖² + epsilon)`. With `normalize=False` the output is the plain
     concatenation `[h, h⁺]` and there is no γ: the paper's "WA-CNN-ori".
 
-    New units start from random weights, so their activations and the error
-    signal they receive are smaller than those of the pretrained units:
+    New channels start from random weights, so their activations and the
+    error signal they receive are smaller than those of the pretrained ones:
     they learn slowly. Normalising each part and scaling it back up lets
     both learn at the same pace.
 
-    The wrapped layer's weights are not changed; the new units are the
-    sublayer `new_units`, named `"<name>_new_units"` (a layer of the wrapped
-    layer's class, whose variables are named "kernel" and "bias"), and γ is
-    this layer's variable "gamma".
+    The wrapped layer's weights are not changed; the new channels are
+    computed by the sublayer `new_layer`, named `"<name>_new"` (a layer of
+    the wrapped layer's class, whose variables are named "kernel" and
+    "bias"), and γ is this layer's variable "gamma".
 
-    With `keras_sp.regularize`, pass `new_units` (not the GrowLayer) in
+    With `keras_sp.regularize`, pass `new_layer` (not the GrowLayer) in
     `new_layers`: the wrapped layer is pretrained, so it belongs to the
     shared part and is pulled toward its starting point, while the new
     kernel and bias get plain L2 toward 0 like any new layer. Passing the
@@ -128,14 +133,15 @@ class GrowLayer(keras.layers.Wrapper):
     Args:
         layer: a built `keras.layers.Dense` or channels-last
             `keras.layers.Conv2D`, usually pretrained.
-        units: int >= 1, the number of new units (filters for Conv2D).
+        channels: int >= 1, the number of new output channels (units of a
+            Dense layer, filters of a Conv2D layer).
         normalize: bool, whether to L2-normalise the old and new parts
             separately and rescale them by γ (default True).
         scale_init: positive float, the initial value of every γ (default
             10; ParseNet and the paper use 10 or 20).
-        kernel_initializer: initializer of the new units' kernel (default
+        kernel_initializer: initializer of the new channels' kernel (default
             `"glorot_uniform"`, Keras's default for a new layer).
-        bias_initializer: initializer of the new units' bias (default
+        bias_initializer: initializer of the new channels' bias (default
             `"zeros"`).
         epsilon: positive float added to ‖h‖² before the square root.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
@@ -144,7 +150,7 @@ class GrowLayer(keras.layers.Wrapper):
         inputs: the input of the wrapped layer.
 
     Returns:
-        A tensor with `output_channels + units` channels on its last axis.
+        A tensor with `output_channels + channels` channels on its last axis.
 
     Example:
 
@@ -152,12 +158,12 @@ class GrowLayer(keras.layers.Wrapper):
     >>> from keras_sp.layers import GrowLayer
     >>> fc = keras.layers.Dense(4, kernel_initializer="ones")
     >>> fc.build((None, 3))
-    >>> grow = GrowLayer(fc, units=2, kernel_initializer="ones")
+    >>> grow = GrowLayer(fc, channels=2, kernel_initializer="ones")
     >>> y = grow(keras.ops.ones((1, 3)))
     >>> tuple(y.shape)
     (1, 6)
     >>> # Each part has norm scale_init = 10: 10 * [1, 1, 1, 1] / 2 for
-    >>> # the old units, 10 * [1, 1] / sqrt(2) for the new ones.
+    >>> # the old channels, 10 * [1, 1] / sqrt(2) for the new ones.
     >>> [round(float(v), 3) for v in y[0]]
     [5.0, 5.0, 5.0, 5.0, 7.071, 7.071]
 
@@ -171,7 +177,7 @@ class GrowLayer(keras.layers.Wrapper):
     def __init__(
         self,
         layer,
-        units,
+        channels,
         *,
         normalize=True,
         scale_init=10.0,
@@ -182,7 +188,7 @@ class GrowLayer(keras.layers.Wrapper):
     ):
         check_growable(layer)
         super().__init__(layer, **kwargs)
-        self.units = check_units(units)
+        self.channels = check_channels(channels)
         self.normalize = _check_bool("normalize", normalize)
         self.scale_init = _check_positive("scale_init", scale_init)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -192,8 +198,8 @@ class GrowLayer(keras.layers.Wrapper):
         width = "units" if isinstance(layer, keras.layers.Dense) else "filters"
         config.update(
             {
-                "name": f"{self.name}_new_units",
-                width: self.units,
+                "name": f"{self.name}_new",
+                width: self.channels,
                 "kernel_initializer": self.kernel_initializer,
                 "bias_initializer": self.bias_initializer,
                 "kernel_regularizer": None,
@@ -204,26 +210,36 @@ class GrowLayer(keras.layers.Wrapper):
                 "trainable": True,
             }
         )
-        self.new_units = type(layer).from_config(config)
+        self.new_layer = type(layer).from_config(config)
 
     @property
-    def old_units(self):
+    def new_units(self):
+        """`new_layer` under its name in files saved before the rename.
+
+        Keras finds a sublayer's weights in a `.keras` file under the
+        attribute that holds it; files saved before hold them under
+        `new_units`, which this alias keeps loading. Use `new_layer`.
+        """
+        return self.new_layer
+
+    @property
+    def old_channels(self):
         """The number of output channels of the wrapped layer."""
         return output_channels(self.layer)
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.new_units.build(input_shape)
+        self.new_layer.build(input_shape)
         if self.normalize:
             self.gamma = self.add_weight(
                 name="gamma",
-                shape=(self.old_units + self.units,),
+                shape=(self.old_channels + self.channels,),
                 initializer=keras.initializers.Constant(self.scale_init),
             )
 
     def call(self, inputs):
         old = self.layer(inputs)
-        new = self.new_units(inputs)
+        new = self.new_layer(inputs)
         if not self.normalize:
             return ops.concatenate([old, new], axis=-1)
         outputs = ops.concatenate(
@@ -237,13 +253,13 @@ class GrowLayer(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         shape = tuple(self.layer.compute_output_shape(input_shape))
-        return shape[:-1] + (shape[-1] + self.units,)
+        return shape[:-1] + (shape[-1] + self.channels,)
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "units": self.units,
+                "channels": self.channels,
                 "normalize": self.normalize,
                 "scale_init": self.scale_init,
                 "kernel_initializer": keras.initializers.serialize(
@@ -256,6 +272,14 @@ class GrowLayer(keras.layers.Wrapper):
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if "units" in config and "channels" not in config:
+            # Configs saved before the argument was renamed.
+            config["channels"] = config.pop("units")
+        return super().from_config(config, custom_objects)
 
 
 @keras.saving.register_keras_serializable(package="keras_sp")
