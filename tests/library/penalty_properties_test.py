@@ -395,6 +395,7 @@ def test_regularize_on_each_layer_type_matches_the_closed_form(
         model,
         kind,
         alpha=alpha,
+        new_layers=(),
         penalize=penalize,
         fisher=fisher if kind in FISHER_KINDS else None,
     )
