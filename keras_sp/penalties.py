@@ -24,6 +24,8 @@ from keras_sp import _keras_private
 from keras_sp import _paths
 from keras_sp import _selection
 from keras_sp import regularizers
+from keras_sp._checks import check_array
+from keras_sp._checks import check_coefficient
 from keras_sp._paths import PathDict
 
 __all__ = [
@@ -88,10 +90,6 @@ def _memory(model):
     if model not in _MEMORY:
         _MEMORY[model] = _Memory()
     return _MEMORY[model]
-
-
-# The Fisher module matches saved Fisher files by the same rule.
-_matching_keys = _paths.matching_keys
 
 
 def attached_penalties(model):
@@ -367,14 +365,12 @@ def regularize(
         Learning with Convolutional Networks". ICML 2018, eqs. 1-7.
     """
     _check_choice("kind", kind, KINDS)
-    alpha = regularizers.check_coefficient("alpha", alpha)
-    beta = regularizers.check_coefficient("beta", beta)
+    alpha = check_coefficient("alpha", alpha)
+    beta = check_coefficient("beta", beta)
     _check_choice("penalize", penalize, PENALIZE)
-    fisher_epsilon = regularizers.check_coefficient(
-        "fisher_epsilon", fisher_epsilon
-    )
+    fisher_epsilon = check_coefficient("fisher_epsilon", fisher_epsilon)
     if fisher_clip is not None:
-        fisher_clip = regularizers.check_coefficient("fisher_clip", fisher_clip)
+        fisher_clip = check_coefficient("fisher_clip", fisher_clip)
         if fisher_clip == 0:
             raise ValueError(
                 "`fisher_clip` must be positive (or None for no clipping). "
@@ -460,20 +456,12 @@ def regularize(
                     "entries"
                 )
             w0 = _selection.to_numpy(w0)
-            if w0.shape != shape:
-                raise ValueError(
-                    f"`starting_point['{path}']` must have shape {shape}. "
-                    f"Received: an array of shape {w0.shape}"
-                )
         elif path in previous_w0:
             w0 = previous_w0[path]
         else:
             w0 = _selection.to_numpy(variable)
-        if not np.all(np.isfinite(w0)):
-            raise ValueError(
-                f"`starting_point['{path}']` must be finite. Received: an "
-                "array with non-finite entries"
-            )
+        # Checked only: w0 keeps its dtype.
+        check_array(f"starting_point['{path}']", w0, shape=shape)
         f = None
         if uses_fisher:
             if fisher_mapping is not None:
@@ -492,21 +480,7 @@ def regularize(
                     f"kind={kind!r} needs `fisher` (none is attached yet). "
                     "Received: fisher=None"
                 )
-            if f.shape != shape:
-                raise ValueError(
-                    f"`fisher['{path}']` must have shape {shape}. Received: "
-                    f"an array of shape {f.shape}"
-                )
-            if not np.all(np.isfinite(f)):
-                raise ValueError(
-                    f"`fisher['{path}']` must be finite. Received: an array "
-                    "with non-finite entries"
-                )
-            if np.any(f < 0):
-                raise ValueError(
-                    f"`fisher['{path}']` must be non-negative. Received: an "
-                    f"array with minimum {f.min()}"
-                )
+            check_array(f"fisher['{path}']", f, non_negative=True, shape=shape)
         plan.append((layer, variable, w0, f))
 
     # Everything is checked: now replace the penalties.

@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_sp import _keras_private
 from keras_sp import penalties
+from keras_sp._checks import check_bool
 from keras_sp.layers import grow
 
 __all__ = [
@@ -434,7 +435,7 @@ def widen(
     """
     _check_model(model)
     units = grow.check_units(units)
-    change_outputs = grow._check_bool("change_outputs", change_outputs)
+    change_outputs = check_bool("change_outputs", change_outputs)
     unknown = sorted(set(grow_options) - set(GROW_OPTIONS))
     if unknown:
         raise ValueError(
@@ -547,8 +548,8 @@ def deepen(
     """
     _check_model(model)
     units = grow.check_units(units)
-    normalize = grow._check_bool("normalize", normalize)
-    change_outputs = grow._check_bool("change_outputs", change_outputs)
+    normalize = check_bool("normalize", normalize)
+    change_outputs = check_bool("change_outputs", change_outputs)
     if name is None:
         name = f"{after}_deepen"
     if not isinstance(name, str) or not name:
