@@ -276,6 +276,19 @@ def _check_choice(name, value, choices):
         )
 
 
+def _entry(mapping, path, argument):
+    """The NumPy array of `mapping` (the `argument` of `regularize`) for
+    variable `path`, matched as `_paths.lookup` does."""
+    value = _paths.lookup(mapping, path, argument)
+    if value is _paths.MISSING:
+        raise ValueError(
+            f"`{argument}` has no entry for variable '{path}'. Received: "
+            f"{argument} with {len(mapping)} entries, e.g. "
+            f"{sorted(mapping, key=str)[:3]}"
+        )
+    return _selection.to_numpy(value)
+
+
 def regularize(
     model,
     kind,
@@ -448,14 +461,7 @@ def regularize(
         path = variable.path
         shape = tuple(variable.shape)
         if references is not None:
-            w0 = _paths.lookup(references, path, "starting_point")
-            if w0 is _paths.MISSING:
-                raise ValueError(
-                    f"`starting_point` has no entry for variable '{path}'. "
-                    f"Received: starting_point with {len(references)} "
-                    "entries"
-                )
-            w0 = _selection.to_numpy(w0)
+            w0 = _entry(references, path, "starting_point")
         elif path in previous_w0:
             w0 = previous_w0[path]
         else:
@@ -465,14 +471,7 @@ def regularize(
         f = None
         if uses_fisher:
             if fisher_mapping is not None:
-                f = _paths.lookup(fisher_mapping, path, "fisher")
-                if f is _paths.MISSING:
-                    raise ValueError(
-                        f"`fisher` has no entry for variable '{path}'. "
-                        f"Received: fisher with {len(fisher_mapping)} "
-                        f"entries, e.g. {sorted(fisher_mapping)[:3]}"
-                    )
-                f = _selection.to_numpy(f)
+                f = _entry(fisher_mapping, path, "fisher")
             elif path in previous_fisher:
                 f = previous_fisher[path]
             else:

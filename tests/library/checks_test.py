@@ -30,3 +30,17 @@ def test_check_bool_and_coefficient():
     for bad in (-0.1, float("inf"), True, "1"):
         with pytest.raises(ValueError, match="`alpha` must be a non-negative"):
             _checks.check_coefficient("alpha", bad)
+
+
+def test_fisher_on_jax_and_torch_needs_all_trainable_variables():
+    import keras
+
+    from keras_sp import _fisher_data
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    variables = model.trainable_variables
+    _fisher_data.check_all_trainable(model, variables, "JAX")
+    with pytest.raises(ValueError, match="JAX backend.*a subset of 1 var"):
+        _fisher_data.check_all_trainable(model, variables[:1], "JAX")
+    with pytest.raises(ValueError, match="a subset of 2 variables"):
+        _fisher_data.check_all_trainable(model, variables[::-1], "PyTorch")
