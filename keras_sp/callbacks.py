@@ -483,9 +483,8 @@ class FisherInformation(keras.callbacks.Callback):
             if carried.get(key) is not None and carried[key] != value
         ]
         if self._fisher_given:
-            remembered = penalties._MEMORY.get(model)
             carried_fisher = penalties.PathDict(
-                remembered.fisher if remembered is not None else {}
+                penalties.remembered_fisher(model)
             )
             for _, variable, regularizer in penalties.attached_penalties(model):
                 if getattr(regularizer, "fisher_weighted", False):

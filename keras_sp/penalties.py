@@ -63,7 +63,13 @@ REGULARIZER_ATTRIBUTES = {
     "beta": ("beta_regularizer",),
     "embeddings": ("embeddings_regularizer",),
 }
-_OURS = (regularizers.L2, regularizers._StartingPointPenalty)
+# The penalties measured from a starting point w0.
+_STARTING_POINT_PENALTIES = (
+    regularizers.L2SP,
+    regularizers.L1SP,
+    regularizers.GroupLassoSP,
+)
+_OURS = (regularizers.L2, *_STARTING_POINT_PENALTIES)
 
 
 class _Memory:
@@ -90,6 +96,13 @@ def _memory(model):
     if model not in _MEMORY:
         _MEMORY[model] = _Memory()
     return _MEMORY[model]
+
+
+def remembered_fisher(model):
+    """The raw Fisher arrays `regularize` was given for `model` (and keeps
+    after `unregularize`), `{variable.path: np.ndarray}`; empty if none."""
+    memory = _MEMORY.get(model)
+    return dict(memory.fisher) if memory is not None else {}
 
 
 def attached_penalties(model):
@@ -146,7 +159,7 @@ def starting_point(model):
     memory = _MEMORY.get(model)
     references = PathDict(memory.starting_point if memory else {})
     for _, variable, regularizer in attached_penalties(model):
-        if isinstance(regularizer, regularizers._StartingPointPenalty):
+        if isinstance(regularizer, _STARTING_POINT_PENALTIES):
             if regularizer.starting_point is not None:
                 references[variable.path] = regularizer.starting_point
     return references
@@ -208,7 +221,7 @@ def _remember_attached(model):
     """Copies the w0 and F attached to `model` into its memory."""
     memory = _memory(model)
     for _, variable, regularizer in attached_penalties(model):
-        if isinstance(regularizer, regularizers._StartingPointPenalty):
+        if isinstance(regularizer, _STARTING_POINT_PENALTIES):
             if regularizer.starting_point is None:
                 continue
             memory.starting_point[variable.path] = regularizer.starting_point
