@@ -22,6 +22,7 @@ from keras import tree
 
 __all__ = [
     "batches",
+    "check_all_trainable",
     "check_batched",
     "check_input_shapes",
     "class_labels",
@@ -225,6 +226,18 @@ def batches(model, data, batch_size, max_examples):
             break
     if pending_count:
         yield (*_concatenate(pending), pending_count)
+
+
+def check_all_trainable(model, variables, backend):
+    """Raises unless `variables` are all of `model.trainable_variables`, in
+    order: the JAX and PyTorch backends differentiate the model's stateless
+    call with respect to all of them."""
+    if [id(v) for v in variables] != [id(v) for v in model.trainable_variables]:
+        raise ValueError(
+            f"On the {backend} backend the Fisher information is computed "
+            "for all of `model.trainable_variables`. Received: a subset of "
+            f"{len(variables)} variables"
+        )
 
 
 def check_batched(model, dataset):

@@ -34,7 +34,8 @@ import weakref
 
 import tensorflow as tf
 from keras import tree
-from tensorflow.python.ops.parallel_for import pfor as _pfor
+
+from keras_sp import _keras_private
 
 __all__ = [
     "batch_functions",
@@ -45,7 +46,7 @@ __all__ = [
 # model alive.
 _COMPILED = weakref.WeakKeyDictionary()
 
-_CONVERTERS = getattr(_pfor, "_pfor_converter_registry", None)
+_CONVERTERS = _keras_private.pfor_converter_registry()
 _CONVERTER_LOCK = threading.RLock()
 
 
@@ -135,7 +136,7 @@ def _conv2d_backprop_filter_per_example(original):
                 0,
             ),
         )
-        return _pfor.wrap(kernels, True)
+        return _keras_private.pfor_wrap(kernels, True)
 
     return convert
 
@@ -181,7 +182,7 @@ def _depthwise_conv(original):
             **_depthwise_attributes(pfor_input),
         )
         loop_length = pfor_input.pfor.loop_len_vector[0]
-        return _pfor.wrap(_unfold(outputs, loop_length), True)
+        return _keras_private.pfor_wrap(_unfold(outputs, loop_length), True)
 
     return convert
 
@@ -204,7 +205,7 @@ def _depthwise_conv_backprop_input(original):
             out_backprop=_fold(pfor_input.stacked_input(2)),
             **_depthwise_attributes(pfor_input),
         )
-        return _pfor.wrap(_unfold(outputs, loop_length), True)
+        return _keras_private.pfor_wrap(_unfold(outputs, loop_length), True)
 
     return convert
 

@@ -40,6 +40,8 @@ import torch
 from keras import ops
 from keras import tree
 
+from keras_sp import _fisher_data as _data
+
 __all__ = [
     "batch_functions",
 ]
@@ -185,12 +187,7 @@ def batch_functions(model, variables, outputs):
         An object with `log_probabilities(x)` and
         `squared_scores(x, classes, weights)`.
     """
-    if [id(v) for v in variables] != [id(v) for v in model.trainable_variables]:
-        raise ValueError(
-            "On the PyTorch backend the Fisher information is computed for "
-            "all of `model.trainable_variables`. Received: a subset of "
-            f"{len(variables)} variables"
-        )
+    _data.check_all_trainable(model, variables, "PyTorch")
     key = (outputs.key, len(variables))
     functions = _COMPILED.setdefault(model, {})
     if key not in functions:

@@ -18,8 +18,12 @@ __all__ = [
     "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
+    "pfor_converter_registry",
+    "pfor_wrap",
     "rebuild_optimizer",
     "rebuilds_in_place",
+    "restore_call",
+    "run_in_inference_mode",
     "sync_training_state",
 ]
 
@@ -226,3 +230,55 @@ def keras_logits(tensor):
     other tensors (and for eager tensors, which cannot carry it).
     """
     return getattr(tensor, "_keras_logits", None)
+
+
+# Marks a layer whose `call` `run_in_inference_mode` replaced.
+_INFERENCE_CALL = "_keras_sp_inference_call"
+
+
+def run_in_inference_mode(layer):
+    """Makes `layer` (a BatchNormalization) run as with `training=False`,
+    whatever `training` it is called with: it normalises with its moving
+    statistics and leaves them unchanged.
+
+    Public Keras ties this to `layer.trainable = False`, which also freezes
+    gamma and beta. `Layer.__call__` calls `self.call`, which is looked up
+    on the instance first; the replacement is set there. `restore_call`
+    undoes it.
+    """
+    if layer.__dict__.get(_INFERENCE_CALL):
+        return
+    call = type(layer).call
+
+    def call_in_inference_mode(inputs, training=None, mask=None):
+        return call(layer, inputs, training=False, mask=mask)
+
+    layer.call = call_in_inference_mode
+    layer.__dict__[_INFERENCE_CALL] = True
+
+
+def restore_call(layer):
+    """Gives `layer` back its class's `call` (undoes
+    `run_in_inference_mode`)."""
+    layer.__dict__.pop("call", None)
+    layer.__dict__.pop(_INFERENCE_CALL, None)
+
+
+def pfor_converter_registry():
+    """TensorFlow's table of `tf.vectorized_map` (pfor) converters, op type
+    to converter, or None if TensorFlow no longer has it.
+
+    TensorFlow has no public hook to give an op another batched form;
+    `keras_sp._fisher_tensorflow` swaps a few entries while it traces.
+    """
+    from tensorflow.python.ops.parallel_for import pfor
+
+    return getattr(pfor, "_pfor_converter_registry", None)
+
+
+def pfor_wrap(tensor, stacked=True):
+    """The value a pfor converter returns for `tensor` (stacked: one slice
+    per loop iteration on its first axis)."""
+    from tensorflow.python.ops.parallel_for import pfor
+
+    return pfor.wrap(tensor, stacked)

@@ -12,8 +12,8 @@ from keras import ops
 from keras_sp import drift
 from keras_sp import fisher as fisher_lib
 from keras_sp import penalties
-from keras_sp import regularizers
 from keras_sp import units
+from keras_sp._checks import check_coefficient
 from keras_sp._non_finite import StopOnNonFinite
 
 __all__ = [
@@ -398,8 +398,8 @@ class FisherInformation(keras.callbacks.Callback):
         self.fisher = fisher
         self.source_model = source_model
         self.kind = kind
-        self.alpha = regularizers.check_coefficient("alpha", alpha)
-        self.beta = regularizers.check_coefficient("beta", beta)
+        self.alpha = check_coefficient("alpha", alpha)
+        self.beta = check_coefficient("beta", beta)
         self.new_layers = new_layers
         self.penalize = penalize
         self.mode = mode
@@ -490,7 +490,7 @@ class FisherInformation(keras.callbacks.Callback):
             "alpha": self.alpha,
             "beta": self.beta,
             "penalize": self.penalize,
-            "fisher_epsilon": regularizers.check_coefficient(
+            "fisher_epsilon": check_coefficient(
                 "fisher_epsilon", self.fisher_epsilon
             ),
             "fisher_clip": self.fisher_clip,
@@ -501,9 +501,8 @@ class FisherInformation(keras.callbacks.Callback):
             if carried.get(key) is not None and carried[key] != value
         ]
         if self._fisher_given:
-            remembered = penalties._MEMORY.get(model)
             carried_fisher = penalties.PathDict(
-                remembered.fisher if remembered is not None else {}
+                penalties.remembered_fisher(model)
             )
             for _, variable, regularizer in penalties.attached_penalties(model):
                 if getattr(regularizer, "fisher_weighted", False):

@@ -40,7 +40,8 @@ from keras import tree
 
 from keras_sp import _fisher_data as _data
 from keras_sp import _fisher_outputs as _outputs
-from keras_sp import penalties
+from keras_sp import _paths
+from keras_sp._checks import check_array
 
 __all__ = [
     "MAX_GRADIENT_ENTRIES",
@@ -387,13 +388,9 @@ def _check_fisher(fisher, argument):
                 f"`{argument}['{key}']` must be a floating-point array. "
                 f"Received: dtype {array.dtype}"
             )
-        if not np.all(np.isfinite(array)) or np.any(array < 0):
-            raise ValueError(
-                f"`{argument}['{key}']` must be finite and non-negative. "
-                f"Received: an array with minimum {np.nanmin(array)} and "
-                f"{int(np.sum(~np.isfinite(array)))} non-finite entries"
-            )
-        checked[key] = array
+        checked[key] = check_array(
+            f"{argument}['{key}']", array, non_negative=True
+        )
     return checked
 
 
@@ -511,7 +508,7 @@ def _match(fisher, model, what):
     matched, used, missing = {}, set(), []
     for variable in model.trainable_variables:
         path = variable.path
-        candidates = penalties._matching_keys(fisher, path)
+        candidates = _paths.matching_keys(fisher, path)
         if len(candidates) > 1:
             raise ValueError(
                 f"{what} has several entries for variable '{path}' of model "

@@ -24,6 +24,8 @@ from keras_sp import _keras_private
 from keras_sp import _paths
 from keras_sp import _selection
 from keras_sp import regularizers
+from keras_sp._checks import check_array
+from keras_sp._checks import check_coefficient
 from keras_sp._paths import PathDict
 
 __all__ = [
@@ -61,7 +63,13 @@ REGULARIZER_ATTRIBUTES = {
     "beta": ("beta_regularizer",),
     "embeddings": ("embeddings_regularizer",),
 }
-_OURS = (regularizers.WeightDecay, regularizers._StartingPointPenalty)
+# The penalties measured from a starting point w0.
+_STARTING_POINT_PENALTIES = (
+    regularizers.L2SP,
+    regularizers.L1SP,
+    regularizers.GroupLassoSP,
+)
+_OURS = (regularizers.WeightDecay, *_STARTING_POINT_PENALTIES)
 
 
 class _Memory:
@@ -90,8 +98,11 @@ def _memory(model):
     return _MEMORY[model]
 
 
-# The Fisher module matches saved Fisher files by the same rule.
-_matching_keys = _paths.matching_keys
+def remembered_fisher(model):
+    """The raw Fisher arrays `regularize` was given for `model` (and keeps
+    after `unregularize`), `{variable.path: np.ndarray}`; empty if none."""
+    memory = _MEMORY.get(model)
+    return dict(memory.fisher) if memory is not None else {}
 
 
 def attached_penalties(model):
@@ -148,7 +159,7 @@ def starting_point(model):
     memory = _MEMORY.get(model)
     references = PathDict(memory.starting_point if memory else {})
     for _, variable, regularizer in attached_penalties(model):
-        if isinstance(regularizer, regularizers._StartingPointPenalty):
+        if isinstance(regularizer, _STARTING_POINT_PENALTIES):
             if regularizer.starting_point is not None:
                 references[variable.path] = regularizer.starting_point
     return references
@@ -210,7 +221,7 @@ def _remember_attached(model):
     """Copies the w0 and F attached to `model` into its memory."""
     memory = _memory(model)
     for _, variable, regularizer in attached_penalties(model):
-        if isinstance(regularizer, regularizers._StartingPointPenalty):
+        if isinstance(regularizer, _STARTING_POINT_PENALTIES):
             if regularizer.starting_point is None:
                 continue
             memory.starting_point[variable.path] = regularizer.starting_point
@@ -276,6 +287,19 @@ def _check_choice(name, value, choices):
             f"`{name}` must be one of {list(choices)}. Received: "
             f"{name}={value!r}"
         )
+
+
+def _entry(mapping, path, argument):
+    """The NumPy array of `mapping` (the `argument` of `regularize`) for
+    variable `path`, matched as `_paths.lookup` does."""
+    value = _paths.lookup(mapping, path, argument)
+    if value is _paths.MISSING:
+        raise ValueError(
+            f"`{argument}` has no entry for variable '{path}'. Received: "
+            f"{argument} with {len(mapping)} entries, e.g. "
+            f"{sorted(mapping, key=str)[:3]}"
+        )
+    return _selection.to_numpy(value)
 
 
 def regularize(
@@ -367,14 +391,12 @@ def regularize(
         Learning with Convolutional Networks". ICML 2018, eqs. 1-7.
     """
     _check_choice("kind", kind, KINDS)
-    alpha = regularizers.check_coefficient("alpha", alpha)
-    beta = regularizers.check_coefficient("beta", beta)
+    alpha = check_coefficient("alpha", alpha)
+    beta = check_coefficient("beta", beta)
     _check_choice("penalize", penalize, PENALIZE)
-    fisher_epsilon = regularizers.check_coefficient(
-        "fisher_epsilon", fisher_epsilon
-    )
+    fisher_epsilon = check_coefficient("fisher_epsilon", fisher_epsilon)
     if fisher_clip is not None:
-        fisher_clip = regularizers.check_coefficient("fisher_clip", fisher_clip)
+        fisher_clip = check_coefficient("fisher_clip", fisher_clip)
         if fisher_clip == 0:
             raise ValueError(
                 "`fisher_clip` must be positive (or None for no clipping). "
@@ -452,39 +474,17 @@ def regularize(
         path = variable.path
         shape = tuple(variable.shape)
         if references is not None:
-            w0 = _paths.lookup(references, path, "starting_point")
-            if w0 is _paths.MISSING:
-                raise ValueError(
-                    f"`starting_point` has no entry for variable '{path}'. "
-                    f"Received: starting_point with {len(references)} "
-                    "entries"
-                )
-            w0 = _selection.to_numpy(w0)
-            if w0.shape != shape:
-                raise ValueError(
-                    f"`starting_point['{path}']` must have shape {shape}. "
-                    f"Received: an array of shape {w0.shape}"
-                )
+            w0 = _entry(references, path, "starting_point")
         elif path in previous_w0:
             w0 = previous_w0[path]
         else:
             w0 = _selection.to_numpy(variable)
-        if not np.all(np.isfinite(w0)):
-            raise ValueError(
-                f"`starting_point['{path}']` must be finite. Received: an "
-                "array with non-finite entries"
-            )
+        # Checked only: w0 keeps its dtype.
+        check_array(f"starting_point['{path}']", w0, shape=shape)
         f = None
         if uses_fisher:
             if fisher_mapping is not None:
-                f = _paths.lookup(fisher_mapping, path, "fisher")
-                if f is _paths.MISSING:
-                    raise ValueError(
-                        f"`fisher` has no entry for variable '{path}'. "
-                        f"Received: fisher with {len(fisher_mapping)} "
-                        f"entries, e.g. {sorted(fisher_mapping)[:3]}"
-                    )
-                f = _selection.to_numpy(f)
+                f = _entry(fisher_mapping, path, "fisher")
             elif path in previous_fisher:
                 f = previous_fisher[path]
             else:
@@ -492,21 +492,7 @@ def regularize(
                     f"kind={kind!r} needs `fisher` (none is attached yet). "
                     "Received: fisher=None"
                 )
-            if f.shape != shape:
-                raise ValueError(
-                    f"`fisher['{path}']` must have shape {shape}. Received: "
-                    f"an array of shape {f.shape}"
-                )
-            if not np.all(np.isfinite(f)):
-                raise ValueError(
-                    f"`fisher['{path}']` must be finite. Received: an array "
-                    "with non-finite entries"
-                )
-            if np.any(f < 0):
-                raise ValueError(
-                    f"`fisher['{path}']` must be non-negative. Received: an "
-                    f"array with minimum {f.min()}"
-                )
+            check_array(f"fisher['{path}']", f, non_negative=True, shape=shape)
         plan.append((layer, variable, w0, f))
 
     # Everything is checked: now replace the penalties.

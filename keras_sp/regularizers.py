@@ -26,6 +26,8 @@ import numpy as np
 from keras import ops
 
 from keras_sp import _keras_private
+from keras_sp._checks import check_array
+from keras_sp._checks import check_coefficient
 
 __all__ = [
     "GROUP_LASSO_EPSILON",
@@ -38,68 +40,6 @@ __all__ = [
 # Added inside the square root of each group norm so that its gradient is
 # finite at w = w0, where fine-tuning starts (the authors added 1e-16 too).
 GROUP_LASSO_EPSILON = 1e-16
-
-
-def check_coefficient(name, value):
-    """Returns `value` as a float, or raises if it is negative or not finite."""
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise ValueError(
-            f"`{name}` must be a non-negative finite number. "
-            f"Received: {name}={value!r}"
-        )
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"`{name}` must be a non-negative finite number. "
-            f"Received: {name}={value!r}"
-        )
-    return value
-
-
-def _is_extension_float(dtype):
-    """Whether `dtype` is a float NumPy does not classify as a number: the
-    bfloat16 (and float8) types of `ml_dtypes`, which Keras returns for the
-    variables of a bfloat16 model."""
-    if dtype.kind != "V" or dtype.names is not None:
-        return False
-    try:
-        return keras.backend.is_float_dtype(
-            keras.backend.standardize_dtype(dtype)
-        )
-    except ValueError:
-        return False
-
-
-def _check_array(name, value, *, non_negative=False, shape=None):
-    array = np.asarray(value)
-    if _is_extension_float(array.dtype):
-        # float32 holds every bfloat16 (and float8) value exactly.
-        array = array.astype("float32")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(
-            f"`{name}` must be a real array. Received: {name} of dtype "
-            f"{array.dtype}"
-        )
-    if shape is not None and array.shape != tuple(shape):
-        raise ValueError(
-            f"`{name}` must have shape {tuple(shape)}. "
-            f"Received: {name} of shape {array.shape}"
-        )
-    if not np.all(np.isfinite(array)):
-        raise ValueError(
-            f"`{name}` must be finite. Received: {name} with "
-            f"{int(np.sum(~np.isfinite(array)))} non-finite entries"
-        )
-    if non_negative and np.any(array < 0):
-        raise ValueError(
-            f"`{name}` must be non-negative. Received: {name} with minimum "
-            f"{array.min()}"
-        )
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype("float32")
-    return array
 
 
 def _computation_dtype(dtype):
@@ -228,14 +168,14 @@ class _StartingPointPenalty(
             )
 
     def _set_state(self, starting_point, fisher):
-        starting_point = _check_array("starting_point", starting_point)
+        starting_point = check_array("starting_point", starting_point)
         if self.fisher_weighted:
             if fisher is None:
                 raise ValueError(
                     f"{type(self).__name__} with fisher_weighted=True needs "
                     "`fisher`. Received: fisher=None"
                 )
-            fisher = _check_array(
+            fisher = check_array(
                 "fisher",
                 fisher,
                 non_negative=True,

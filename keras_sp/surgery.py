@@ -21,12 +21,10 @@ import numpy as np
 
 from keras_sp import _keras_private
 from keras_sp import penalties
+from keras_sp._checks import check_bool
 from keras_sp.layers import grow_layer as grow
 
-__all__ = [
-    "deepen",
-    "widen",
-]
+__all__ = ["deepen", "widen"]
 
 # Layers that act on each channel alone: widening their input widens their
 # output, and the layer that consumes it is searched further on.
@@ -434,7 +432,7 @@ def widen(
     """
     _check_model(model)
     channels = grow.check_channels(channels)
-    change_outputs = grow._check_bool("change_outputs", change_outputs)
+    change_outputs = check_bool("change_outputs", change_outputs)
     unknown = sorted(set(grow_options) - set(GROW_OPTIONS))
     if unknown:
         raise ValueError(
@@ -547,8 +545,8 @@ def deepen(
     """
     _check_model(model)
     channels = grow.check_channels(channels)
-    normalize = grow._check_bool("normalize", normalize)
-    change_outputs = grow._check_bool("change_outputs", change_outputs)
+    normalize = check_bool("normalize", normalize)
+    change_outputs = check_bool("change_outputs", change_outputs)
     if name is None:
         name = f"{after}_deepen"
     if not isinstance(name, str) or not name:

@@ -36,7 +36,6 @@ _RESNET_BLOCK = re.compile(r"^((?:conv|stack)\d+_block\d+)_")
 # KerasHub ResNet-vd (`conv1_conv` ... `conv3_conv`).
 _RESNET_STEM = re.compile(r"^conv\d+_(?:conv|bn)$")
 _MOBILENET_PAIR = re.compile(r"^conv_(?:dw|pw)_(\d+)(?:_bn)?$")
-_INFERENCE_CALL = "_keras_sp_inference_call"
 
 
 def _family(model):
@@ -373,24 +372,9 @@ def unfreeze(model):
     _make_trainable(model)
     for layer in _keras_private.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.__dict__.pop("call", None)
-            layer.__dict__.pop(_INFERENCE_CALL, None)
+            _keras_private.restore_call(layer)
     _apply_trainable_change(model)
     return model
-
-
-def _run_in_inference_mode(layer):
-    """Makes a BatchNormalization layer normalise with its moving statistics
-    and leave them unchanged, whatever `training` it is called with."""
-    if layer.__dict__.get(_INFERENCE_CALL):
-        return
-    call = type(layer).call
-
-    def call_in_inference_mode(inputs, training=None, mask=None):
-        return call(layer, inputs, training=False, mask=mask)
-
-    layer.call = call_in_inference_mode
-    layer.__dict__[_INFERENCE_CALL] = True
 
 
 def freeze_batchnorm(model, train_gamma_beta=False):
@@ -437,7 +421,7 @@ def freeze_batchnorm(model, train_gamma_beta=False):
     for layer in _keras_private.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             if train_gamma_beta:
-                _run_in_inference_mode(layer)
+                _keras_private.run_in_inference_mode(layer)
             else:
                 layer.trainable = False
     _apply_trainable_change(model)

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 import keras_sp
+from keras_sp._checks import check_coefficient
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
 from keras_sp.experiments.config import config_path
@@ -116,9 +117,7 @@ class DemoConfig:
                     f"Config key 'alpha_grid.{kind}' must not be empty."
                 )
             for alpha in grid:
-                keras_sp.regularizers.check_coefficient(
-                    f"alpha_grid.{kind}", alpha
-                )
+                check_coefficient(f"alpha_grid.{kind}", alpha)
         for name in ("per_class", "iterations", "batch_size", "source_width"):
             if getattr(self, name) < 1:
                 raise ValueError(

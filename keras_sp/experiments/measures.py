@@ -21,6 +21,7 @@ from keras_sp.batchnorm import reestimate_batchnorm
 
 __all__ = [
     "activation_r2",
+    "cross_entropy",
     "mcnemar_test",
     "predict",
     "source_task_accuracy",
@@ -39,6 +40,26 @@ def predict(model, x, batch_size=256):
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(outputs)
+
+
+def cross_entropy(logits, labels):
+    """Per-example cross-entropy `-log softmax(logits)[label]`, in float64.
+
+    The log-softmax is computed from logits shifted by their maximum, so
+    large logits do not overflow.
+
+    Example:
+
+    >>> cross_entropy(np.log([[0.25, 0.75]]), [1]).round(6).tolist()
+    [0.287682]
+    """
+    logits = np.asarray(logits, dtype="float64")
+    labels = np.asarray(labels).reshape(-1)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probabilities = shifted - np.log(
+        np.exp(shifted).sum(axis=-1, keepdims=True)
+    )
+    return -log_probabilities[np.arange(len(labels)), labels]
 
 
 def source_task_accuracy(

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sp.callbacks import StopOnNonFinite
+from keras_sp.experiments.measures import cross_entropy
 from keras_sp.experiments.measures import predict
 
 __all__ = [
@@ -151,11 +152,9 @@ def accuracy(model, x, y, batch_size=512):
 
 def accuracy_and_loss(model, x, y, batch_size=512):
     """Top-1 accuracy and mean cross-entropy of a logits model on `(x, y)`."""
-    logits = predict(model, x, batch_size).astype("float64")
-    logits -= logits.max(axis=-1, keepdims=True)
-    log_probabilities = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    logits = predict(model, x, batch_size)
     y = np.asarray(y)
     return (
         float(np.mean(np.argmax(logits, axis=-1) == y)),
-        float(-np.mean(log_probabilities[np.arange(len(y)), y])),
+        float(np.mean(cross_entropy(logits, y))),
     )

@@ -9,6 +9,8 @@ Reference:
 import keras
 from keras import ops
 
+from keras_sp._checks import check_bool
+
 __all__ = [
     "GrowLayer",
     "ScaledL2Normalization",
@@ -35,14 +37,6 @@ def _check_positive(name, value):
             f"`{name}` must be a positive number. Received: {name}={value!r}"
         )
     return float(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"`{name}` must be True or False. Received: {name}={value!r}"
-        )
-    return value
 
 
 def check_channels(channels):
@@ -189,7 +183,7 @@ class GrowLayer(keras.layers.Wrapper):
         check_growable(layer)
         super().__init__(layer, **kwargs)
         self.channels = check_channels(channels)
-        self.normalize = _check_bool("normalize", normalize)
+        self.normalize = check_bool("normalize", normalize)
         self.scale_init = _check_positive("scale_init", scale_init)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

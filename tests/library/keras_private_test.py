@@ -152,3 +152,42 @@ def test_jax_fit_keeps_state_outside_the_variables_until_synced():
     else:
         assert not hasattr(model, "jax_state_sync")
     _keras_private.sync_training_state(model)
+
+
+def test_batchnorm_call_replaced_on_the_instance_runs_in_inference_mode():
+    layer = keras.layers.BatchNormalization(epsilon=1e-3)
+    layer.build((None, 2))
+    layer.moving_mean.assign([1.0, -1.0])
+    layer.moving_variance.assign([4.0, 0.25])
+    x = np.array([[3.0, 0.0], [5.0, 2.0]], "float32")
+    moving = (x - [1.0, -1.0]) / np.sqrt(np.array([4.0, 0.25]) + 1e-3)
+    _keras_private.run_in_inference_mode(layer)
+    out = keras.ops.convert_to_numpy(layer(x, training=True))
+    np.testing.assert_allclose(out, moving, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), [1.0, -1.0])
+    _keras_private.restore_call(layer)
+    batch = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3)
+    out = keras.ops.convert_to_numpy(layer(x, training=True))
+    np.testing.assert_allclose(out, batch, rtol=1e-5)
+
+
+def test_pfor_converter_registry_and_wrap():
+    import tensorflow as tf
+    from tensorflow.python.ops.parallel_for import pfor
+
+    registry = _keras_private.pfor_converter_registry()
+    assert registry is not None
+    for name in (
+        "Conv2DBackpropFilter",
+        "DepthwiseConv2dNative",
+        "DepthwiseConv2dNativeBackpropInput",
+        "DepthwiseConv2dNativeBackpropFilter",
+    ):
+        assert callable(registry[name])
+    # What keras_sp._fisher_tensorflow's converters call on their input.
+    for method in ("input", "stacked_input", "unstacked_input", "get_attr"):
+        assert callable(getattr(pfor._PforInput, method))
+    assert callable(pfor._PforInput.stack_inputs)
+    wrapped = _keras_private.pfor_wrap(tf.zeros((2, 3)))
+    assert wrapped.is_stacked
+    assert tuple(wrapped.t.shape) == (2, 3)

@@ -21,6 +21,7 @@ __all__ = [
     "gaussian_blur",
     "mobilenet_inputs",
     "mobilenet_preprocessing",
+    "mobilenet_scale",
     "paper_preprocessing",
     "three_channels",
 ]
@@ -356,6 +357,18 @@ def mobilenet_inputs(images, image_size=96):
     images = tf.image.resize(
         three_channels(tf.cast(images, tf.float32)), (image_size, image_size)
     )
+    return mobilenet_scale(images)
+
+
+def mobilenet_scale(images):
+    """Pixel values in [0, 255] scaled to [-1, 1]: `x / 127.5 - 1`, the input
+    scaling of ImageNet MobileNet.
+
+    Example:
+
+    >>> mobilenet_scale(np.array([0.0, 127.5, 255.0])).tolist()
+    [-1.0, 0.0, 1.0]
+    """
     return images / 127.5 - 1.0
 
 

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 import keras_sp
+from keras_sp import _paths
 from keras_sp.experiments.finetune._targets import materialize
 from keras_sp.experiments.fisher_command import load_fisher
 from keras_sp.experiments.fisher_command import save_fisher
@@ -42,13 +43,8 @@ def _backbone_entries(fisher, backbone):
         if variable.name not in KERNEL_NAMES:
             continue
         path = variable.path
-        matches = [
-            key
-            for key in fisher
-            if key == path
-            or key.endswith("/" + path)
-            or path.endswith("/" + key)
-        ]
+        # The exact path first, as `keras_sp.regularize` matches entries.
+        matches = _paths.matching_keys(fisher, path)
         if len(matches) != 1:
             raise ValueError(
                 f"The source model's Fisher information has {len(matches)} "

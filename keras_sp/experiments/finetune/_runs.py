@@ -20,6 +20,7 @@ from keras_sp import units
 from keras_sp.drift import weight_drift
 from keras_sp.experiments import training
 from keras_sp.experiments.measures import activation_r2
+from keras_sp.experiments.measures import cross_entropy
 from keras_sp.experiments.measures import source_task_drop
 from keras_sp.penalties import FISHER_KINDS
 from keras_sp.penalties import KERNEL_NAMES
@@ -103,11 +104,7 @@ def _evaluate(model, batches):
         scores = keras.ops.convert_to_numpy(model(x, training=False))
         labels = np.asarray(y)
         correct.append(np.argmax(scores, axis=-1) == labels)
-        shifted = scores - scores.max(axis=-1, keepdims=True)
-        log_probabilities = shifted - np.log(
-            np.exp(shifted).sum(axis=-1, keepdims=True)
-        )
-        losses.append(-log_probabilities[np.arange(len(labels)), labels])
+        losses.append(cross_entropy(scores, labels))
     return np.concatenate(correct), np.concatenate(losses)
 
 

@@ -146,7 +146,7 @@ class ArrayTarget:
 
     def _finish(self, image):
         if self.images.preprocessing == "mobilenet":
-            return image / 127.5 - 1.0
+            return datasets.preprocessing.mobilenet_scale(image)
         return image
 
     def train_batches(self, train_indices, seed):
