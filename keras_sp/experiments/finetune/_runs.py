@@ -8,6 +8,7 @@ drift ||w - w0|| / ||w0||, the R² of its activations (Figure 4) and the
 source-task accuracy drop (Table 3).
 """
 
+import contextlib
 import dataclasses
 import time
 from typing import NamedTuple
@@ -16,6 +17,7 @@ import keras
 import numpy as np
 
 import keras_sp
+from keras_sp import _keras_private
 from keras_sp import units
 from keras_sp.drift import weight_drift
 from keras_sp.experiments import training
@@ -43,6 +45,7 @@ class TrainingSettings:
     warmup_iterations: int
     momentum: float
     batchnorm: str
+    devices: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,21 @@ def _build_model(start, num_classes, seed):
     return model, backbone, head
 
 
+def _mirrored_strategy():
+    """A `tf.distribute.MirroredStrategy` over all local devices."""
+    import tensorflow as tf  # the TensorFlow backend only (see `_checks`)
+
+    return tf.distribute.MirroredStrategy()
+
+
+def _synchronize_batchnorm(model):
+    """Every BatchNormalization layer of `model` computes its batch
+    statistics over the global batch (all replicas), as on one device."""
+    for layer in _keras_private.all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
 def _evaluate(model, batches):
     """Per-example correctness and cross-entropy of `model` (inference
     mode) on `batches`."""
@@ -135,6 +153,11 @@ def _run_key(data, phase, kind, point, seed):
 class Runner:
     """Trains, measures and records the runs of an experiment.
 
+    With `training.devices == "all"`, each run is built, penalized and
+    fitted under a `tf.distribute.MirroredStrategy` over all local devices
+    (BatchNormalization synchronized across replicas); the Fisher
+    information is computed outside its scope.
+
     Args:
         pretrained: the `Pretrained` starting point.
         unit_layers: the layers whose outputs are the depth units'
@@ -166,11 +189,21 @@ class Runner:
         self.results = results
         self.log = log
         self.run_eagerly = run_eagerly
+        self._strategy = None
         backbone = pretrained.backbone
         self._reference_activations = keras.Model(
             backbone.input,
             [backbone.get_layer(name).output for name in unit_layers],
         )
+
+    def _scope(self):
+        """The scope a run is built and trained in: none on one device, a
+        `MirroredStrategy`'s over all local devices with `devices="all"`."""
+        if self.training.devices != "all":
+            return contextlib.nullcontext()
+        if self._strategy is None:
+            self._strategy = _mirrored_strategy()
+        return self._strategy.scope()
 
     def _record(self, key, make):
         if self.results.done(key):
@@ -198,47 +231,53 @@ class Runner:
             A `Trained`.
         """
         settings = self.training
-        model, backbone, head = _build_model(
-            self.pretrained, data.target.num_classes, seed
-        )
-        frozen = {}
-        if freeze:
-            units.freeze_first(model, freeze)
-            frozen = {
-                variable.path: np.array(variable.numpy())
-                for unit in units.depth_units(model)[:freeze]
-                for layer in unit
-                for variable in layer.weights
-            }
-        if settings.batchnorm == "frozen":
-            units.freeze_batchnorm(model)
+        with self._scope():
+            model, backbone, head = _build_model(
+                self.pretrained, data.target.num_classes, seed
+            )
+            if settings.devices == "all":
+                _synchronize_batchnorm(model)
+            frozen = {}
+            if freeze:
+                units.freeze_first(model, freeze)
+                frozen = {
+                    variable.path: np.array(variable.numpy())
+                    for unit in units.depth_units(model)[:freeze]
+                    for layer in unit
+                    for variable in layer.weights
+                }
+            if settings.batchnorm == "frozen":
+                units.freeze_batchnorm(model)
         fisher = None
         if kind in FISHER_KINDS:
+            # Outside the strategy's scope: `diagonal_fisher` cannot read
+            # mirrored variables in a cross-replica context.
             fisher = self.fisher.fisher(data.slug, data.target, train_indices)
-        keras_sp.regularize(
-            model,
-            kind,
-            alpha=point.alpha,
-            beta=point.beta,
-            new_layers=[head],
-            fisher=fisher,
-        )
-        kernels = _kernel_paths(backbone)
-        starting_point = {
-            v.path: np.array(v.numpy())
-            for v in backbone.weights
-            if v.path in kernels
-        }
-        history = training.fine_tune(
-            model,
-            data.target.train_batches(train_indices, seed),
-            iterations=settings.iterations,
-            learning_rate=point.learning_rate,
-            momentum=settings.momentum,
-            lr_drop_at=settings.lr_drop_at,
-            warmup_iterations=settings.warmup_iterations,
-            run_eagerly=self.run_eagerly,
-        )
+        with self._scope():
+            keras_sp.regularize(
+                model,
+                kind,
+                alpha=point.alpha,
+                beta=point.beta,
+                new_layers=[head],
+                fisher=fisher,
+            )
+            kernels = _kernel_paths(backbone)
+            starting_point = {
+                v.path: np.array(v.numpy())
+                for v in backbone.weights
+                if v.path in kernels
+            }
+            history = training.fine_tune(
+                model,
+                data.target.train_batches(train_indices, seed),
+                iterations=settings.iterations,
+                learning_rate=point.learning_rate,
+                momentum=settings.momentum,
+                lr_drop_at=settings.lr_drop_at,
+                warmup_iterations=settings.warmup_iterations,
+                run_eagerly=self.run_eagerly,
+            )
         loss = float(history.history["loss"][-1])
         measures = {
             "final_loss": loss,
