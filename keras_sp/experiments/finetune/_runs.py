@@ -10,6 +10,7 @@ source-task accuracy drop (Table 3).
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
@@ -98,11 +99,29 @@ def _build_model(start, num_classes, seed):
     return model, backbone, head
 
 
+@functools.cache
 def _mirrored_strategy():
-    """A `tf.distribute.MirroredStrategy` over all local devices."""
+    """A `tf.distribute.MirroredStrategy` over all local devices, one per
+    process (a second strategy's collective operations can clash with the
+    first's)."""
     import tensorflow as tf  # the TensorFlow backend only (see `_checks`)
 
     return tf.distribute.MirroredStrategy()
+
+
+def _first_order_every_iteration(make_dataset):
+    """`make_dataset()`, made anew for each iterator: every iterator yields
+    the batches a first iterator of `make_dataset()` yields.
+
+    A seeded `shuffle` (and `Dataset.random`) draws a new order for each
+    iterator of the same dataset. Under a strategy, Keras's `fit` opens one
+    iterator to build the model before the one it trains on, which would
+    then train on the second order, not the first a one-device run trains
+    on.
+    """
+    import tensorflow as tf  # the TensorFlow backend only (see `_checks`)
+
+    return tf.data.Dataset.from_tensors(0).flat_map(lambda _: make_dataset())
 
 
 def _synchronize_batchnorm(model):
@@ -189,7 +208,6 @@ class Runner:
         self.results = results
         self.log = log
         self.run_eagerly = run_eagerly
-        self._strategy = None
         backbone = pretrained.backbone
         self._reference_activations = keras.Model(
             backbone.input,
@@ -201,9 +219,7 @@ class Runner:
         `MirroredStrategy`'s over all local devices with `devices="all"`."""
         if self.training.devices != "all":
             return contextlib.nullcontext()
-        if self._strategy is None:
-            self._strategy = _mirrored_strategy()
-        return self._strategy.scope()
+        return _mirrored_strategy().scope()
 
     def _record(self, key, make):
         if self.results.done(key):
@@ -268,9 +284,15 @@ class Runner:
                 for v in backbone.weights
                 if v.path in kernels
             }
+
+            def batches():
+                return data.target.train_batches(train_indices, seed)
+
             history = training.fine_tune(
                 model,
-                data.target.train_batches(train_indices, seed),
+                _first_order_every_iteration(batches)
+                if settings.devices == "all"
+                else batches(),
                 iterations=settings.iterations,
                 learning_rate=point.learning_rate,
                 momentum=settings.momentum,
