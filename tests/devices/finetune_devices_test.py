@@ -104,7 +104,14 @@ def test_all_devices_equal_one_device(experiments):
     assert all_devices["settings"] == one["settings"]
     assert "devices" not in one["settings"]
     found = differences(one, all_devices)
-    kinds = ("accuracy", "final_loss", "drift", "r2", "source_as_trained")
+    kinds = (
+        "accuracy",
+        "final_loss",
+        "drift",
+        "r2",
+        "source_as_trained",
+        "source_reestimated",
+    )
     for name in kinds:
         assert any(f"/{name}" in path for path in found), name
     # 4 runs' losses and drifts, 3 accuracies, 1 frozen distance, the

@@ -61,7 +61,7 @@ def config_values(source_path):
         "source": "fashion_mnist",
         "source_classes": [0, 1, 2, 3, 4],
         "source_examples": 20,
-        "source_batchnorm": ["as_trained"],
+        "source_batchnorm": ["as_trained", "reestimated"],
         "kinds": ["l2", "l2_sp", "l2_sp_fisher"],
         "alpha_grid": {"l2": [1e-4], "l2_sp": [0.1], "l2_sp_fisher": [1.0]},
         "beta": 0.01,
