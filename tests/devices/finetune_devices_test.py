@@ -36,6 +36,7 @@ def experiments(tmp_path_factory):
         with open(out / name / "training.json") as handle:
             stored["training"] = json.load(handle)
         results[name] = stored
+    results["odd_batch_error"] = (out / "odd_batch_error.txt").read_text()
     return results
 
 
@@ -138,3 +139,12 @@ def test_per_replica_batchnorm_differs_from_one_device(experiments):
     for run in control:
         drift = one[run["key"]]["drift"]
         assert abs(run["drift"] - drift) / drift > 100 * TOLERANCE, run["key"]
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(experiments):
+    """Keras averages the replicas' mean losses, the global batch's mean
+    only for equal parts."""
+    assert experiments["odd_batch_error"] == (
+        "Config key 'batch_size' must be a multiple of the number of local "
+        "devices (2) with devices='all'. Received: batch_size=7"
+    )

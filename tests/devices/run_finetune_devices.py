@@ -29,6 +29,7 @@ from keras_sp.experiments import data as datasets  # noqa: E402
 from keras_sp.experiments import fashion_source  # noqa: E402
 from keras_sp.experiments import finetune  # noqa: E402
 from keras_sp.experiments import training  # noqa: E402
+from keras_sp.experiments.config import ConfigError  # noqa: E402
 from keras_sp.experiments.config import load_config  # noqa: E402
 from keras_sp.experiments.finetune import _runs  # noqa: E402
 
@@ -132,6 +133,14 @@ def main(out):
         finetune.run_finetune(config, folder, verbose=0)
         with open(os.path.join(folder, "training.json"), "w") as handle:
             json.dump(trained, handle)
+    # A global batch that does not split evenly over the two replicas.
+    values = dict(config_values(source_path), devices="all", batch_size=7)
+    config = load_config(values, finetune.FinetuneConfig)
+    try:
+        finetune.run_finetune(config, os.path.join(out, "odd"), verbose=0)
+    except ConfigError as error:
+        with open(os.path.join(out, "odd_batch_error.txt"), "w") as handle:
+            handle.write(str(error))
 
 
 if __name__ == "__main__":

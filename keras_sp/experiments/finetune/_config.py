@@ -98,7 +98,8 @@ class FinetuneConfig:
         devices: where a run trains: `"one"` device, or `"all"` local
             devices (TensorFlow backend only): the model is built,
             penalized and fitted under a `tf.distribute.MirroredStrategy`,
-            each global batch of `batch_size` split across the replicas,
+            each global batch of `batch_size` (a multiple of the number
+            of devices) split evenly across the replicas,
             the penalty counted once and every BatchNormalization layer
             synchronized across replicas, so that a run equals the same
             run on one device up to floating-point rounding. It is not a

@@ -22,6 +22,7 @@ from keras_sp import _keras_private
 from keras_sp import units
 from keras_sp.drift import weight_drift
 from keras_sp.experiments import training
+from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.measures import activation_r2
 from keras_sp.experiments.measures import source_task_drop
 from keras_sp.penalties import FISHER_KINDS
@@ -47,6 +48,7 @@ class TrainingSettings:
     momentum: float
     batchnorm: str
     devices: str
+    batch_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +221,18 @@ class Runner:
         `MirroredStrategy`'s over all local devices with `devices="all"`."""
         if self.training.devices != "all":
             return contextlib.nullcontext()
-        return _mirrored_strategy().scope()
+        strategy = _mirrored_strategy()
+        replicas = strategy.num_replicas_in_sync
+        batch_size = self.training.batch_size
+        if batch_size % replicas:
+            # Keras averages each replica's mean loss: equal to the mean
+            # over the global batch only for equal parts.
+            raise ConfigError(
+                "Config key 'batch_size' must be a multiple of the number "
+                f"of local devices ({replicas}) with devices='all'. "
+                f"Received: batch_size={batch_size}"
+            )
+        return strategy.scope()
 
     def _record(self, key, make):
         if self.results.done(key):
