@@ -18,7 +18,7 @@ import pytest
 from keras_sp.experiments import cli
 from keras_sp.experiments import config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 
 

@@ -24,6 +24,7 @@ TARGETS = ("fashion_mnist", "caltech256", "mit_indoor67", "stanford_dogs")
 SOURCES = ("imagenet", "places365", "fashion_mnist")
 PREPROCESSING = ("paper", "mobilenet", "none")
 BATCHNORM = ("train", "frozen")
+DEVICES = ("one", "all")
 FISHER_DATA = ("source", "target")
 FISHER_SCALES = ("raw", "mean")
 FISHER_MODES = ("exact", "sampled", "empirical")
@@ -66,6 +67,15 @@ def _check_choices(config):
     choice("color_order", ("rgb", "bgr"))
     choice("on_corrupt", ("error", "skip"))
     choice("batchnorm", BATCHNORM)
+    choice("devices", DEVICES)
+    backend = keras.backend.backend()
+    if config.devices == "all" and backend != "tensorflow":
+        raise ConfigError(
+            "Config key 'devices': 'all' (a MirroredStrategy over the "
+            "local devices) needs the TensorFlow backend; use "
+            f"devices='one' on the {backend} backend. Received: "
+            f"devices={config.devices!r}"
+        )
     choice("fisher_mode", FISHER_MODES)
     choice("fisher_data", FISHER_DATA)
     choice("fisher_scale", FISHER_SCALES)

@@ -95,6 +95,16 @@ class FinetuneConfig:
         batchnorm: `"train"` (batch statistics, moving averages updated, as
             the paper's TensorFlow fine-tuning) or `"frozen"` (moving
             statistics kept, γ and β fixed: `keras_sp.freeze_batchnorm`).
+        devices: where a run trains: `"one"` device, or `"all"` local
+            devices (TensorFlow backend only): the model is built,
+            penalized and fitted under a `tf.distribute.MirroredStrategy`,
+            each global batch of `batch_size` (a multiple of the number
+            of devices) split evenly across the replicas,
+            the penalty counted once and every BatchNormalization layer
+            synchronized across replicas, so that a run equals the same
+            run on one device up to floating-point rounding. It is not a
+            setting of the results file: runs on one device and on all
+            devices are the same runs, and either can resume the other.
         repeats: test runs per kind at the chosen values (the paper: 5).
         validation_repeats: seeds per grid point in the validation phase.
         select_on: the `per_class` data set whose validation chooses the
@@ -169,6 +179,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     batch_size: int = 64
     batchnorm: str = "train"
+    devices: str = "one"
     repeats: int = 5
     validation_repeats: int = 1
     select_on: int | None = None
@@ -234,10 +245,16 @@ _EXTENT_KEYS = (
 )
 
 
+# Keys that say where a run is computed, not what it computes: a run on all
+# local devices equals the same run on one (up to rounding).
+_PLACEMENT_KEYS = ("devices",)
+
+
 def results_settings(config):
-    """The settings a results file is tied to (see `_EXTENT_KEYS`)."""
+    """The settings a results file is tied to (see `_EXTENT_KEYS` and
+    `_PLACEMENT_KEYS`)."""
     settings = dataclasses.asdict(config)
-    for key in _EXTENT_KEYS:
+    for key in _EXTENT_KEYS + _PLACEMENT_KEYS:
         settings.pop(key)
     return settings
 

@@ -8,7 +8,9 @@ drift ||w - w0|| / ||w0||, the R² of its activations (Figure 4) and the
 source-task accuracy drop (Table 3).
 """
 
+import contextlib
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
@@ -16,9 +18,11 @@ import keras
 import numpy as np
 
 import keras_sp
+from keras_sp import _keras_private
 from keras_sp import units
 from keras_sp.drift import weight_drift
 from keras_sp.experiments import training
+from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.measures import activation_r2
 from keras_sp.experiments.measures import cross_entropy
 from keras_sp.experiments.measures import source_task_drop
@@ -44,6 +48,8 @@ class TrainingSettings:
     warmup_iterations: int
     momentum: float
     batchnorm: str
+    devices: str
+    batch_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,39 @@ def _build_model(start, num_classes, seed):
     return model, backbone, head
 
 
+@functools.cache
+def _mirrored_strategy():
+    """A `tf.distribute.MirroredStrategy` over all local devices, one per
+    process (a second strategy's collective operations can clash with the
+    first's)."""
+    import tensorflow as tf  # the TensorFlow backend only (see `_checks`)
+
+    return tf.distribute.MirroredStrategy()
+
+
+def _first_order_every_iteration(make_dataset):
+    """`make_dataset()`, made anew for each iterator: every iterator yields
+    the batches a first iterator of `make_dataset()` yields.
+
+    A seeded `shuffle` (and `Dataset.random`) draws a new order for each
+    iterator of the same dataset. Under a strategy, Keras's `fit` opens one
+    iterator to build the model before the one it trains on, which would
+    then train on the second order, not the first a one-device run trains
+    on.
+    """
+    import tensorflow as tf  # the TensorFlow backend only (see `_checks`)
+
+    return tf.data.Dataset.from_tensors(0).flat_map(lambda _: make_dataset())
+
+
+def _synchronize_batchnorm(model):
+    """Every BatchNormalization layer of `model` computes its batch
+    statistics over the global batch (all replicas), as on one device."""
+    for layer in _keras_private.all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
 def _evaluate(model, batches):
     """Per-example correctness and cross-entropy of `model` (inference
     mode) on `batches`."""
@@ -131,6 +170,11 @@ def _run_key(data, phase, kind, point, seed):
 
 class Runner:
     """Trains, measures and records the runs of an experiment.
+
+    With `training.devices == "all"`, each run is built, penalized and
+    fitted under a `tf.distribute.MirroredStrategy` over all local devices
+    (BatchNormalization synchronized across replicas); the Fisher
+    information is computed outside its scope.
 
     Args:
         pretrained: the `Pretrained` starting point.
@@ -169,6 +213,24 @@ class Runner:
             [backbone.get_layer(name).output for name in unit_layers],
         )
 
+    def _scope(self):
+        """The scope a run is built and trained in: none on one device, a
+        `MirroredStrategy`'s over all local devices with `devices="all"`."""
+        if self.training.devices != "all":
+            return contextlib.nullcontext()
+        strategy = _mirrored_strategy()
+        replicas = strategy.num_replicas_in_sync
+        batch_size = self.training.batch_size
+        if batch_size % replicas:
+            # Keras averages each replica's mean loss: equal to the mean
+            # over the global batch only for equal parts.
+            raise ConfigError(
+                "Config key 'batch_size' must be a multiple of the number "
+                f"of local devices ({replicas}) with devices='all'. "
+                f"Received: batch_size={batch_size}"
+            )
+        return strategy.scope()
+
     def _record(self, key, make):
         if self.results.done(key):
             return self.results.get(key)
@@ -195,47 +257,59 @@ class Runner:
             A `Trained`.
         """
         settings = self.training
-        model, backbone, head = _build_model(
-            self.pretrained, data.target.num_classes, seed
-        )
-        frozen = {}
-        if freeze:
-            units.freeze_first(model, freeze)
-            frozen = {
-                variable.path: np.array(variable.numpy())
-                for unit in units.depth_units(model)[:freeze]
-                for layer in unit
-                for variable in layer.weights
-            }
-        if settings.batchnorm == "frozen":
-            units.freeze_batchnorm(model)
+        with self._scope():
+            model, backbone, head = _build_model(
+                self.pretrained, data.target.num_classes, seed
+            )
+            if settings.devices == "all":
+                _synchronize_batchnorm(model)
+            frozen = {}
+            if freeze:
+                units.freeze_first(model, freeze)
+                frozen = {
+                    variable.path: np.array(variable.numpy())
+                    for unit in units.depth_units(model)[:freeze]
+                    for layer in unit
+                    for variable in layer.weights
+                }
+            if settings.batchnorm == "frozen":
+                units.freeze_batchnorm(model)
         fisher = None
         if kind in FISHER_KINDS:
+            # Outside the strategy's scope: `diagonal_fisher` cannot read
+            # mirrored variables in a cross-replica context.
             fisher = self.fisher.fisher(data.slug, data.target, train_indices)
-        keras_sp.regularize(
-            model,
-            kind,
-            alpha=point.alpha,
-            beta=point.beta,
-            new_layers=[head],
-            fisher=fisher,
-        )
-        kernels = _kernel_paths(backbone)
-        starting_point = {
-            v.path: np.array(v.numpy())
-            for v in backbone.weights
-            if v.path in kernels
-        }
-        history = training.fine_tune(
-            model,
-            data.target.train_batches(train_indices, seed),
-            iterations=settings.iterations,
-            learning_rate=point.learning_rate,
-            momentum=settings.momentum,
-            lr_drop_at=settings.lr_drop_at,
-            warmup_iterations=settings.warmup_iterations,
-            run_eagerly=self.run_eagerly,
-        )
+        with self._scope():
+            keras_sp.regularize(
+                model,
+                kind,
+                alpha=point.alpha,
+                beta=point.beta,
+                new_layers=[head],
+                fisher=fisher,
+            )
+            kernels = _kernel_paths(backbone)
+            starting_point = {
+                v.path: np.array(v.numpy())
+                for v in backbone.weights
+                if v.path in kernels
+            }
+
+            def batches():
+                return data.target.train_batches(train_indices, seed)
+
+            history = training.fine_tune(
+                model,
+                _first_order_every_iteration(batches)
+                if settings.devices == "all"
+                else batches(),
+                iterations=settings.iterations,
+                learning_rate=point.learning_rate,
+                momentum=settings.momentum,
+                lr_drop_at=settings.lr_drop_at,
+                warmup_iterations=settings.warmup_iterations,
+                run_eagerly=self.run_eagerly,
+            )
         loss = float(history.history["loss"][-1])
         measures = {
             "final_loss": loss,
