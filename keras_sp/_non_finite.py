@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sp import _selection
 from keras_sp import penalties
 
 
@@ -127,7 +128,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
             variables += list(self.model.optimizer.variables)
         unique = {id(variable): variable for variable in variables}
         return [
-            (variable, np.array(variable.numpy()))
+            (variable, _selection.to_numpy(variable))
             for variable in unique.values()
         ]
 

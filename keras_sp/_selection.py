@@ -27,8 +27,11 @@ def as_mapping(value, argument):
 
 
 def to_numpy(value):
+    """A NumPy copy of a Keras variable (its current value), or `value` as
+    an array. The variable's backend value is converted, not the variable:
+    NumPy 2 warns on JAX variables' `__array__`."""
     if isinstance(value, keras.Variable):
-        return np.array(keras.ops.convert_to_numpy(value))
+        return np.array(keras.ops.convert_to_numpy(value.value))
     return np.asarray(value)
 
 

@@ -17,8 +17,8 @@ model parallelism, TensorFlow's `MirroredStrategy`).
 """
 
 import keras
-import numpy as np
 
+from keras_sp import _selection
 from keras_sp import penalties
 from keras_sp import regularizers
 
@@ -43,7 +43,7 @@ def _recreate(variable, path, layout):
     kwargs = {}
     if keras.backend.backend() == "jax" and layout.device_mesh is not None:
         kwargs["layout"] = layout
-    value = np.array(keras.ops.convert_to_numpy(variable), copy=True)
+    value = _selection.to_numpy(variable)
 
     def create(remaining):
         if not remaining:

@@ -10,9 +10,9 @@ Reference:
     with Convolutional Networks". ICML 2018, section 4.4.
 """
 
-import keras
 import numpy as np
 
+from keras_sp import _selection
 from keras_sp import penalties
 
 __all__ = [
@@ -61,7 +61,7 @@ def _drift(variables, starting_point):
         if reference is None:
             continue
         reference = np.asarray(reference, dtype="float64")
-        value = keras.ops.convert_to_numpy(variable).astype("float64")
+        value = _selection.to_numpy(variable).astype("float64")
         if value.shape != reference.shape:
             raise ValueError(
                 f"`starting_point['{variable.path}']` must have shape "

@@ -26,6 +26,7 @@ import numpy as np
 from keras import ops
 
 from keras_sp import _keras_private
+from keras_sp import _selection
 from keras_sp._checks import check_array
 from keras_sp._checks import check_coefficient
 
@@ -194,14 +195,14 @@ class _StartingPointPenalty(
         """The starting point w0 as a NumPy array (None until restored)."""
         if self._starting_point is None:
             return None
-        return np.array(ops.convert_to_numpy(self._starting_point))
+        return _selection.to_numpy(self._starting_point)
 
     @property
     def fisher(self):
         """The Fisher weights F as a NumPy array, or None."""
         if self._fisher is None:
             return None
-        return np.array(ops.convert_to_numpy(self._fisher))
+        return _selection.to_numpy(self._fisher)
 
     def _difference(self, x):
         """Returns `(x, x - w0, F or None)`: x as a tensor, the others in

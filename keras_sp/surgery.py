@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from keras_sp import _keras_private
+from keras_sp import _selection
 from keras_sp import penalties
 from keras_sp._checks import check_bool
 from keras_sp.layers import grow_layer as grow
@@ -456,7 +457,7 @@ def widen(
 
     def adapt_consumer(original, copy):
         for new, old in zip(copy.weights, original.weights, strict=True):
-            old = np.asarray(old.numpy())
+            old = _selection.to_numpy(old)
             if tuple(new.shape) == old.shape:
                 new.assign(old)
                 continue
