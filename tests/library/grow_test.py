@@ -8,6 +8,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from backend import to_numpy
 from backend import value_and_gradients
 
 import keras_sp
@@ -52,7 +53,7 @@ def test_dense_output_at_initialisation_matches_numpy():
     fc = _dense()
     grow = GrowLayer(fc, channels=3, scale_init=7.0)
     x = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
-    y = np.asarray(grow(x))
+    y = to_numpy(grow(x))
     h = _numpy_dense(x, fc.kernel.numpy(), fc.bias.numpy())
     new = grow.new_layer
     h_new = _numpy_dense(x, new.kernel.numpy(), new.bias.numpy())
@@ -73,9 +74,9 @@ def test_conv2d_norm_is_per_spatial_position():
     conv = _conv()
     grow = GrowLayer(conv, channels=2, scale_init=10.0)
     x = np.random.default_rng(1).normal(size=(2, 6, 6, 3)).astype("float32")
-    y = np.asarray(grow(x))
-    h = np.asarray(conv(x))
-    h_new = np.asarray(grow.new_layer(x))
+    y = to_numpy(grow(x))
+    h = to_numpy(conv(x))
+    h_new = to_numpy(grow.new_layer(x))
     assert y.shape == (2, 6, 6, 6)
     np.testing.assert_allclose(
         y[..., :4],
@@ -93,7 +94,7 @@ def test_conv2d_norm_is_per_spatial_position():
     np.testing.assert_allclose(np.linalg.norm(y[..., 4:], axis=-1), 10.0, 1e-5)
     # A position where every activation is 0 stays 0 (epsilon, no NaN).
     np.testing.assert_array_equal(
-        np.asarray(grow(np.zeros((1, 6, 6, 3), "float32"))), 0.0
+        to_numpy(grow(np.zeros((1, 6, 6, 3), "float32"))), 0.0
     )
 
 
@@ -114,10 +115,10 @@ def test_gamma_scales_each_channel_and_normalize_false_is_concatenation():
         ],
         axis=1,
     )
-    np.testing.assert_allclose(np.asarray(grow(x)), gamma * unit, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(grow(x)), gamma * unit, rtol=1e-5)
 
     plain = GrowLayer(fc, channels=3, normalize=False)
-    y = np.asarray(plain(x))
+    y = to_numpy(plain(x))
     h_new = _numpy_dense(
         x, plain.new_layer.kernel.numpy(), plain.new_layer.bias.numpy()
     )
@@ -191,7 +192,7 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     clone = GrowLayer.from_config(config)
     clone(x)
     clone.set_weights(grow.get_weights())
-    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(grow(x)))
+    np.testing.assert_array_equal(to_numpy(clone(x)), to_numpy(grow(x)))
 
     # Configs saved before the argument was renamed hold "units".
     old = dict(config)
@@ -200,7 +201,7 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     assert clone.channels == 3 and clone.new_layer.units == 3
     clone(x)
     clone.set_weights(grow.get_weights())
-    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(grow(x)))
+    np.testing.assert_array_equal(to_numpy(clone(x)), to_numpy(grow(x)))
 
 
 def test_scaled_l2_normalization_matches_numpy_and_round_trips(tmp_path):
@@ -210,7 +211,7 @@ def test_scaled_l2_normalization_matches_numpy_and_round_trips(tmp_path):
     gamma = np.array([1, 2, 3, 4, 5], "float32")
     layer.gamma.assign(gamma)
     expected = gamma * x / np.linalg.norm(x, axis=-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5)
 
     inputs = keras.Input((4, 4, 5))
     model = keras.Model(inputs, ScaledL2Normalization(2.0)(inputs))
@@ -288,7 +289,7 @@ def test_regularize_shared_wrapped_layer_and_new_channels():
         + 0.01 / 2 * np.sum(new.kernel.numpy() ** 2)
         + 0.01 / 2 * np.sum(head.kernel.numpy() ** 2)
     )
-    total = float(sum(np.asarray(loss) for loss in grown.losses))
+    total = float(sum(to_numpy(loss) for loss in grown.losses))
     np.testing.assert_allclose(total, expected, rtol=1e-5)
     assert set(keras_sp.starting_point(grown)) == {fc.kernel.path}
 

@@ -20,11 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # What a checkout holds besides its sources (data sets and results can be
 # large): not copied into the build.
-NOT_SOURCES = shutil.ignore_patterns(
+_NOT_SOURCES = shutil.ignore_patterns(
     ".git",
     ".venv",
     "venv",
-    "data",
     "build",
     "dist",
     "site",
@@ -34,6 +33,18 @@ NOT_SOURCES = shutil.ignore_patterns(
     ".*_cache",
     ".hypothesis",
 )
+
+
+def NOT_SOURCES(folder, names):
+    """What the copy leaves out: caches and build outputs anywhere, and the
+    data sets and results folders at the top (the kit's `data` package
+    stays)."""
+    ignored = set(_NOT_SOURCES(folder, names))
+    if Path(folder).resolve() == ROOT:
+        ignored.update({"data", "results"} & set(names))
+    return ignored
+
+
 # The folder, in a fresh environment, of links to the running one's packages.
 SHARED = "shared-site-packages"
 

@@ -277,6 +277,7 @@ def config_path(name):
 
     Example:
 
+    >>> import os
     >>> os.path.basename(config_path("caltech256_30"))
     'caltech256_30.json'
     """

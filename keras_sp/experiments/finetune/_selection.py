@@ -171,6 +171,8 @@ def chosen_point(config, runs, slug, kind):
 
     Example:
 
+    >>> from keras_sp.experiments.config import load_config
+    >>> from keras_sp.experiments.finetune import FinetuneConfig
     >>> config = load_config({"target_dir": "data", "kinds": ["l2_sp"],
     ...     "alpha_grid": {"l2_sp": [0.01, 0.1]}, "learning_rate_kind":
     ...     "l2_sp", "r2_kinds": [], "freeze_kinds": []}, FinetuneConfig)
