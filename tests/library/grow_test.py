@@ -149,7 +149,7 @@ def test_gradients_reach_new_kernel_and_gamma_in_closed_form():
     grow(x)
     variables = [grow.gamma, grow.new_layer.kernel, fc.kernel]
     _, (d_gamma, d_new, d_old) = value_and_gradients(
-        lambda: keras.ops.sum(grow(x) * weights), variables
+        lambda: keras.ops.sum(keras.ops.multiply(grow(x), weights)), variables
     )
     h = _numpy_dense(x, fc.kernel.numpy(), fc.bias.numpy())
     h_new = _numpy_dense(

@@ -29,7 +29,14 @@ EXTRAS = {
     "docs",
     "notebooks",
 }
-SUBCOMMANDS = ("demo", "finetune", "grow", "transferability", "fisher")
+SUBCOMMANDS = (
+    "demo",
+    "finetune",
+    "grow",
+    "transferability",
+    "fisher",
+    "convert-mobilenet",
+)
 
 
 def package_files():
