@@ -38,15 +38,16 @@ from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.config import shipped_configs
-from keras_sp.experiments.data import class_split
-from keras_sp.experiments.data import few_shot
-from keras_sp.experiments.data import load_fashion_mnist
 from keras_sp.experiments.results import READ_ERRORS
 from keras_sp.experiments.results import CorruptFileError
 from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import atomic_write
 from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
+from keras_sp.experiments.transferability_data import TaskData
+from keras_sp.experiments.transferability_report import KINDS
+from keras_sp.experiments.transferability_report import markdown_table
+from keras_sp.experiments.transferability_report import summarize
 
 __all__ = [
     "KINDS",
@@ -57,8 +58,6 @@ __all__ = [
     "run",
     "summarize",
 ]
-
-KINDS = ("BnB", "BnB+", "AnB", "AnB+")
 
 
 def default_config_path(name="fashion_mnist"):
@@ -238,133 +237,6 @@ def build_network(config, num_classes, name="network"):
     return keras.Model(inputs, outputs, name=name)
 
 
-def _prepare_images(images, config):
-    """uint8-range images (n, h, w[, c]) -> float32 (n, size, size, c)."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.shape[-1] != config.channels:
-        if images.shape[-1] == 1:
-            images = np.repeat(images, config.channels, axis=-1)
-        else:
-            raise ValueError(
-                f"Images have {images.shape[-1]} channels; the config asks "
-                f"for channels={config.channels}."
-            )
-    images = images.astype("float32")
-    if images.shape[1:3] != (config.image_size, config.image_size):
-        size = (config.image_size, config.image_size)
-        images = np.concatenate(
-            [
-                keras.ops.convert_to_numpy(
-                    keras.ops.image.resize(images[i : i + 4096], size)
-                )
-                for i in range(0, len(images), 4096)
-            ]
-        )
-    return images
-
-
-def _in_memory_task(arrays, classes, per_class, seed, config):
-    """(images, labels renumbered 0..len(classes)-1) of `classes`."""
-    images, labels = arrays
-    labels = np.asarray(labels).astype("int64")
-    if per_class is None:
-        chosen = np.flatnonzero(np.isin(labels, classes))
-    else:
-        chosen = few_shot(labels, per_class, seed=seed, classes=classes)
-    relabelled = np.searchsorted(classes, labels[chosen]).astype("int32")
-    return _prepare_images(np.asarray(images)[chosen], config), relabelled
-
-
-def _tfds_task(config, classes, split, training, seed):
-    """A tf.data pipeline of (image, label) for `classes` of a tfds dataset.
-
-    TensorFlow-only: tensorflow-datasets yields tf.data pipelines.
-    """
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    name = config.dataset[len("tfds:") :]
-    dataset = tfds.load(
-        name,
-        split=split,
-        as_supervised=True,
-        data_dir=config.data_dir,
-        shuffle_files=training,
-    )
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(classes, tf.int64),
-            tf.range(len(classes), dtype=tf.int64),
-        ),
-        default_value=-1,
-    )
-    size = (config.image_size, config.image_size)
-
-    def relabel(image, label):
-        image = tf.image.resize(tf.cast(image, tf.float32), size)
-        if image.shape[-1] != config.channels:
-            image = tf.image.grayscale_to_rgb(image)
-        return image, tf.cast(table.lookup(tf.cast(label, tf.int64)), "int32")
-
-    dataset = dataset.filter(
-        lambda image, label: table.lookup(tf.cast(label, tf.int64)) >= 0
-    ).map(relabel, num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
-        dataset = dataset.shuffle(10 * config.batch_size, seed=seed)
-    return dataset.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-class _Data:
-    """The two halves of the classes, their training and test data."""
-
-    def __init__(self, config, arrays):
-        self.config = config
-        self.arrays = arrays
-        if arrays is None and config.dataset == "fashion_mnist":
-            self.arrays = load_fashion_mnist(config.data_dir)
-        if self.arrays is not None:
-            all_classes = np.unique(np.asarray(self.arrays[0][1]))
-        else:
-            import tensorflow_datasets as tfds
-
-            builder = tfds.builder(
-                config.dataset[len("tfds:") :], data_dir=config.data_dir
-            )
-            count = builder.info.features["label"].num_classes
-            all_classes = np.arange(count)
-        self.halves = dict(
-            zip(
-                "AB",
-                class_split(all_classes, seed=config.split_seed),
-                strict=True,
-            )
-        )
-        self._cache = {}
-
-    def task(self, half, training):
-        """Training (`training=True`) or test data of half "A" or "B"."""
-        key = (half, training)
-        if key not in self._cache:
-            config = self.config
-            classes = self.halves[half]
-            if self.arrays is None:
-                split = config.train_split if training else config.test_split
-                self._cache[key] = _tfds_task(
-                    config, classes, split, training, config.seed
-                )
-            else:
-                arrays = self.arrays[0] if training else self.arrays[1]
-                per_class = (
-                    config.per_class if training else config.test_per_class
-                )
-                self._cache[key] = _in_memory_task(
-                    arrays, classes, per_class, config.split_seed, config
-                )
-        return self._cache[key]
-
-
 def _steps_per_epoch(data, batch_size):
     if isinstance(data, tuple):
         return int(np.ceil(len(data[0]) / batch_size))
@@ -506,7 +378,7 @@ def run(
     if not isinstance(config, TransferabilityConfig):
         config = load_config(config, TransferabilityConfig)
     out = os.fspath(out)
-    data = _Data(config, data)
+    data = TaskData(config, data)
     settings = dataclasses.asdict(config)
     settings["classes_A"] = data.halves["A"].tolist()
     settings["classes_B"] = data.halves["B"].tolist()
@@ -567,7 +439,7 @@ def run(
     runs = results.runs
     summary = summarize(runs)
     table = os.path.join(out, "table.md")
-    write_text(table, _markdown_table(summary, config))
+    write_text(table, markdown_table(summary, config))
     figure = os.path.join(out, "transferability.png")
     plots.plot_transferability(runs, figure, depth=config.depth)
     return {
@@ -578,64 +450,6 @@ def run(
         "table": table,
         "figure": figure,
     }
-
-
-def summarize(runs):
-    """Mean, standard deviation and count of top-1 accuracy per kind and n.
-
-    Args:
-        runs: run records (dicts with `kind`, `n`, `accuracy`).
-
-    Returns:
-        `{kind: {n: {"mean", "std", "count", "values"}}}` with kinds
-        "baseA", "baseB", "BnB", "BnB+", "AnB", "AnB+".
-    """
-    grouped = {}
-    for record in runs:
-        grouped.setdefault(record["kind"], {}).setdefault(
-            record["n"], []
-        ).append(record["accuracy"])
-    return {
-        kind: {
-            n: {
-                "mean": float(np.mean(values)),
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0,
-                "count": len(values),
-                "values": list(values),
-            }
-            for n, values in sorted(by_n.items())
-        }
-        for kind, by_n in grouped.items()
-    }
-
-
-def _markdown_table(summary, config):
-    def cell(kind, n):
-        entry = summary.get(kind, {}).get(n)
-        if entry is None:
-            return "–"
-        if entry["count"] > 1:
-            return f"{entry['mean']:.4f} ± {entry['std']:.4f}"
-        return f"{entry['mean']:.4f}"
-
-    lines = [
-        "Top-1 accuracy on the test images of half B (mean ± standard "
-        "deviation over repeats).",
-        "",
-        "| n | " + " | ".join(KINDS) + " |",
-        "|---|" + "---|" * len(KINDS),
-        f"| 0 (base B) | {cell('baseB', 0)} |" + " |" * (len(KINDS) - 1),
-    ]
-    for n in config.depths():
-        lines.append(
-            f"| {n} | " + " | ".join(cell(kind, n) for kind in KINDS) + " |"
-        )
-    lines.append("")
-    lines.append(
-        f"Base A on the test images of half A: {cell('baseA', 0)}. "
-        f"Repeats: {config.repeats}."
-    )
-    return "\n".join(lines) + "\n"
 
 
 def add_parser(subparsers):

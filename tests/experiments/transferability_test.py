@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 from keras_sp import units
 from keras_sp.experiments import cli
 from keras_sp.experiments import transferability
+from keras_sp.experiments import transferability_data
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.transferability import KINDS
@@ -136,7 +137,7 @@ def test_imagenet_config_takes_the_same_code_path_at_tiny_size(tmp_path):
     # read through the real tfds.load pipeline, nothing downloaded.
     with tfds.testing.mock_data(num_examples=24):
         result = transferability.run(tiny, tmp_path, log=lambda s: None)
-        data = transferability._Data(tiny, None)
+        data = transferability.TaskData(tiny, None)
         images, labels = next(iter(data.task("B", training=False)))
     assert result["trained"] == 2 + len(KINDS)
     assert all(0.0 <= run["accuracy"] <= 1.0 for run in result["runs"])
@@ -202,7 +203,9 @@ def test_command_line_runs_the_experiment_on_tiny_data(
 ):
     data = synthetic_images(classes=10)
     monkeypatch.setattr(
-        transferability, "load_fashion_mnist", lambda *args, **kwargs: data
+        transferability_data,
+        "load_fashion_mnist",
+        lambda *args, **kwargs: data,
     )
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY))
