@@ -33,6 +33,10 @@ import numpy as np
 from keras_sp import units
 from keras_sp.callbacks import StopOnNonFinite
 from keras_sp.experiments import plots
+from keras_sp.experiments._transferability_data import TaskData
+from keras_sp.experiments._transferability_report import KINDS
+from keras_sp.experiments._transferability_report import markdown_table
+from keras_sp.experiments._transferability_report import summarize
 from keras_sp.experiments.config import CONFIG_DIRECTORY
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import config_path
@@ -44,10 +48,6 @@ from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import atomic_write
 from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
-from keras_sp.experiments.transferability_data import TaskData
-from keras_sp.experiments.transferability_report import KINDS
-from keras_sp.experiments.transferability_report import markdown_table
-from keras_sp.experiments.transferability_report import summarize
 
 __all__ = [
     "KINDS",

@@ -7,9 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from keras_sp import units
+from keras_sp.experiments import _transferability_data as transferability_data
 from keras_sp.experiments import cli
 from keras_sp.experiments import transferability
-from keras_sp.experiments import transferability_data
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.transferability import KINDS

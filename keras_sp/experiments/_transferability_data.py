@@ -9,8 +9,6 @@ from keras_sp.experiments.data import class_split
 from keras_sp.experiments.data import few_shot
 from keras_sp.experiments.data import load_fashion_mnist
 
-__all__ = ["TaskData"]
-
 
 def _prepare_images(images, config):
     """uint8-range images (n, h, w[, c]) -> float32 (n, size, size, c)."""

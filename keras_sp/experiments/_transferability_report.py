@@ -4,8 +4,6 @@ network and copied depth n."""
 
 import numpy as np
 
-__all__ = ["KINDS", "markdown_table", "summarize"]
-
 # The transferred networks, as in Yosinski et al.: B's or A's first n
 # layers copied, frozen or (+) fine-tuned.
 KINDS = ("BnB", "BnB+", "AnB", "AnB+")
