@@ -158,7 +158,7 @@ class GrowLayer(keras.layers.Wrapper):
     (1, 6)
     >>> # Each part has norm scale_init = 10: 10 * [1, 1, 1, 1] / 2 for
     >>> # the old channels, 10 * [1, 1] / sqrt(2) for the new ones.
-    >>> [round(float(v), 3) for v in y[0]]
+    >>> [round(float(v), 3) for v in keras.ops.convert_to_numpy(y)[0]]
     [5.0, 5.0, 5.0, 5.0, 7.071, 7.071]
 
     Reference:
@@ -305,7 +305,7 @@ class ScaledL2Normalization(keras.layers.Layer):
     >>> from keras_sp.layers import ScaledL2Normalization
     >>> layer = ScaledL2Normalization(scale_init=10.0)
     >>> y = layer(keras.ops.convert_to_tensor([[3.0, 4.0]]))
-    >>> [round(float(v), 4) for v in y[0]]
+    >>> [round(float(v), 4) for v in keras.ops.convert_to_numpy(y)[0]]
     [6.0, 8.0]
 
     Reference:
