@@ -28,10 +28,13 @@ def as_mapping(value, argument):
 
 def to_numpy(value):
     """A NumPy copy of a Keras variable (its current value), or `value` as
-    an array. The variable's backend value is converted, not the variable:
-    NumPy 2 warns on JAX variables' `__array__`."""
+    an array. On JAX the variable's backend value is converted (NumPy 2
+    warns on the variable's own `__array__`); elsewhere `variable.numpy()`,
+    which also reads distributed (mirrored) variables."""
     if isinstance(value, keras.Variable):
-        return np.array(keras.ops.convert_to_numpy(value.value))
+        if keras.backend.backend() == "jax":
+            return np.array(value.value)
+        return np.array(value.numpy())
     return np.asarray(value)
 
 
