@@ -45,8 +45,6 @@ from keras_sp._checks import check_array
 
 __all__ = [
     "MAX_GRADIENT_ENTRIES",
-    "MAX_PAIRS",
-    "MODES",
     "diagonal_fisher",
     "load",
     "save",

@@ -29,11 +29,8 @@ from keras_sp._checks import check_coefficient
 from keras_sp._paths import PathDict
 
 __all__ = [
-    "KINDS",
-    "PENALIZE",
     "PathDict",
     "attached_penalties",
-    "attached_settings",
     "regularize",
     "starting_point",
     "unregularize",

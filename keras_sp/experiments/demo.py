@@ -46,7 +46,6 @@ from keras_sp.experiments.results import write_text
 
 __all__ = [
     "DemoConfig",
-    "add_parser",
     "run_demo",
 ]
 

@@ -28,7 +28,6 @@ from keras_sp.experiments.results import check_archive
 from keras_sp.experiments.results import write_text
 
 __all__ = [
-    "add_parser",
     "load_fisher",
     "run",
     "save_fisher",

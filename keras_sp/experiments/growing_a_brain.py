@@ -48,7 +48,6 @@ from keras_sp.experiments.results import write_text
 __all__ = [
     "METHODS",
     "GrowConfig",
-    "add_parser",
     "build_target_model",
     "run",
     "run_grow",

@@ -17,7 +17,6 @@ import secrets
 import zipfile
 
 __all__ = [
-    "READ_ERRORS",
     "CorruptFileError",
     "ResultsFile",
     "atomic_write",

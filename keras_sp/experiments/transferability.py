@@ -52,7 +52,6 @@ from keras_sp.experiments.results import write_text
 __all__ = [
     "KINDS",
     "TransferabilityConfig",
-    "add_parser",
     "build_network",
     "default_config_path",
     "run",

@@ -15,8 +15,6 @@ import h5py
 import keras
 
 __all__ = [
-    "CONVERT_COMMAND",
-    "MOBILENET_WEIGHTS_FILE",
     "cache_directory",
     "imagenet_mobilenet",
     "load_weights_checked",

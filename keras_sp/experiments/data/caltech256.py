@@ -12,8 +12,6 @@ from keras_sp.experiments.data.images import readable_images
 from keras_sp.experiments.data.splits import few_shot
 
 __all__ = [
-    "CLUTTER",
-    "FOLDER_NAME",
     "load_caltech256",
 ]
 

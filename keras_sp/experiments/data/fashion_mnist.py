@@ -7,9 +7,7 @@ import numpy as np
 
 __all__ = [
     "CLASS_NAMES",
-    "DEBIAN_DIRECTORY",
     "load_fashion_mnist",
-    "read_idx",
 ]
 
 DEBIAN_DIRECTORY = "/usr/share/datasets/fashion-mnist"

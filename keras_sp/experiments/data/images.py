@@ -13,13 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "ON_CORRUPT",
     "ImageData",
-    "decode_image_file",
     "find_unreadable_images",
     "image_dataset",
-    "readable_images",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")

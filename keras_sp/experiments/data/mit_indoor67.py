@@ -9,9 +9,6 @@ from keras_sp.experiments.data.images import image_dataset
 from keras_sp.experiments.data.images import readable_images
 
 __all__ = [
-    "IMAGES_FOLDER",
-    "TEST_LIST",
-    "TRAIN_LIST",
     "load_mit_indoor67",
 ]
 

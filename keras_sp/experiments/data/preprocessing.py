@@ -15,15 +15,12 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = [
-    "COLOR_ORDERS",
     "central_crop",
     "channel_mean",
     "gaussian_blur",
     "mobilenet_inputs",
     "mobilenet_preprocessing",
-    "mobilenet_scale",
     "paper_preprocessing",
-    "three_channels",
 ]
 
 COLOR_ORDERS = ("rgb", "bgr")

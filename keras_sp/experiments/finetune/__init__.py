@@ -61,7 +61,8 @@ Reference:
     with Convolutional Networks". ICML 2018, section 4.
 """
 
-from keras_sp.experiments.finetune._command_line import add_parser
+# `keras-sp finetune` finds `add_parser` here (keras_sp.experiments.cli).
+from keras_sp.experiments.finetune._command_line import add_parser  # noqa: F401
 from keras_sp.experiments.finetune._config import FinetuneConfig
 from keras_sp.experiments.finetune._config import config_path
 from keras_sp.experiments.finetune._experiment import run_finetune
@@ -71,7 +72,6 @@ from keras_sp.experiments.finetune._selection import chosen_point
 
 __all__ = [
     "FinetuneConfig",
-    "add_parser",
     "chosen_learning_rate",
     "chosen_point",
     "config_path",
