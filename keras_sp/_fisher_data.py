@@ -16,6 +16,7 @@ expected and the received shape.
 """
 
 import math
+import weakref
 
 import numpy as np
 from keras import tree
@@ -305,3 +306,31 @@ def class_labels(y, num_classes):
             f"{np.unique(y[bad])[:5].tolist()}"
         )
     return y.astype("int32")
+
+
+def stateless_batch_functions(cache, make, model, variables, outputs, backend):
+    """The per-batch functions of `diagonal_fisher` on a backend that
+    differentiates the model's stateless call (JAX, PyTorch).
+
+    Args:
+        cache: a `weakref.WeakKeyDictionary` of the backend's module,
+            `{model: {key: functions}}`.
+        make: the backend's class, called as `make(weakref.ref(model),
+            outputs)`.
+        model: a built Keras model with one categorical output.
+        variables: `model.trainable_variables` (the variables
+            differentiated, in the order of the returned sums).
+        outputs: a `keras_sp._fisher_outputs.Outputs`.
+        backend: the backend's name, for the error message.
+
+    Returns:
+        An object with `log_probabilities(x)` and
+        `squared_scores(x, classes, weights)`, built once per model, output
+        and number of variables.
+    """
+    check_all_trainable(model, variables, backend)
+    key = (outputs.key, len(variables))
+    functions = cache.setdefault(model, {})
+    if key not in functions:
+        functions[key] = make(weakref.ref(model), outputs)
+    return functions[key]

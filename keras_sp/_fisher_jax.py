@@ -91,21 +91,8 @@ class _Functions:
 
 
 def batch_functions(model, variables, outputs):
-    """The per-batch functions of `diagonal_fisher` for `model`.
-
-    Args:
-        model: a built Keras model with one categorical output.
-        variables: `model.trainable_variables` (the variables
-            differentiated, in the order of the returned sums).
-        outputs: a `keras_sp._fisher_outputs.Outputs`.
-
-    Returns:
-        An object with `log_probabilities(x)` and
-        `squared_scores(x, classes, weights)`.
-    """
-    _data.check_all_trainable(model, variables, "JAX")
-    key = (outputs.key, len(variables))
-    functions = _COMPILED.setdefault(model, {})
-    if key not in functions:
-        functions[key] = _Functions(weakref.ref(model), outputs)
-    return functions[key]
+    """The per-batch functions of `diagonal_fisher` for `model`, built once
+    (`keras_sp._fisher_data.stateless_batch_functions`)."""
+    return _data.stateless_batch_functions(
+        _COMPILED, _Functions, model, variables, outputs, "JAX"
+    )
