@@ -29,6 +29,7 @@ __all__ = [
 
 EXPERIMENT_MODULES = (
     "keras_sp.experiments.demo",
+    "keras_sp.experiments.compare",
     "keras_sp.experiments.finetune",
     "keras_sp.experiments.growing_a_brain",
     "keras_sp.experiments.transferability",

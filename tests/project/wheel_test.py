@@ -31,6 +31,7 @@ EXTRAS = {
 }
 SUBCOMMANDS = (
     "demo",
+    "compare",
     "finetune",
     "grow",
     "transferability",

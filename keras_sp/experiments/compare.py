@@ -1,0 +1,478 @@
+"""Which method, by how much: a comparison on matched seeds.
+
+Source task: Fashion-MNIST classes 0-4 (the small CNN of the demo, cached).
+Target task: classes 5-9 with `per_class` training images per class, tested
+on every test image of those classes (5,000). For each number of images per
+class and each method:
+
+1. its hyper-parameters are chosen by k-fold cross-validation over the
+   training images only (stratified folds, on the first `cv_seeds` seeds;
+   mean validation accuracy, ties to the lower validation cross-entropy);
+2. it is trained on all training images with each of the matched seeds
+   (one seed draws the images, the head's initialisation and the batch
+   order, the same for every method) and tested.
+
+Reported per method: test accuracy (mean ± std over seeds), the paired
+difference to L2 fine-tuning with its 95 % interval, the relative drift
+||w - w0|| / ||w0|| of the backbone's kernels, and the smallest difference
+to L2 the table can detect. The baselines a user compares against are
+always run: the linear probe (`probe`) and L2 fine-tuning (`l2`). With
+several `per_class` values, `regime_map.png` plots each method's gain over
+L2 against the number of images per class.
+"""
+
+import dataclasses
+import os
+import time
+
+import keras
+import numpy as np
+
+import keras_sp
+from keras_sp.experiments import comparison_stats
+from keras_sp.experiments import fashion_source
+from keras_sp.experiments import training
+from keras_sp.experiments.comparison_methods import METHODS
+from keras_sp.experiments.comparison_methods import Task
+from keras_sp.experiments.config import ConfigError
+from keras_sp.experiments.config import config_path
+from keras_sp.experiments.config import load_config
+from keras_sp.experiments.data import few_shot
+from keras_sp.experiments.data import load_fashion_mnist
+from keras_sp.experiments.results import ResultsFile
+from keras_sp.experiments.results import write_text
+
+__all__ = [
+    "CompareConfig",
+    "run_compare",
+]
+
+BASELINES = ("probe", "l2")
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Settings of a comparison (all have defaults; a JSON file may change
+    them).
+
+    Attributes:
+        methods: the methods compared (`probe` and `l2` are always run).
+        per_class: training images per target class; several values give
+            the regime map.
+        seeds: matched seeds of the test runs.
+        cv_seeds: how many of the first seeds the cross-validation uses.
+        folds: k of the k-fold cross-validation.
+        grids: per method, `{hyper-parameter: values}` tried by the
+            cross-validation.
+        beta: L2 strength on the new head of the fine-tuned methods.
+        iterations: SGD steps per fine-tuning run.
+        probe_iterations: SGD steps of the linear probe's head.
+        batch_size: batch size.
+        learning_rate: initial learning rate (divided by 10 after 2/3).
+        pretrain_epochs: epochs of the source model's training.
+        source_width: filters of the source CNN's first convolution.
+    """
+
+    COMMAND = "compare"
+
+    methods: list[str] = dataclasses.field(
+        default_factory=lambda: ["probe", "l2", "l2_sp"]
+    )
+    per_class: list[int] = dataclasses.field(default_factory=lambda: [30])
+    seeds: list[int] = dataclasses.field(
+        default_factory=lambda: list(range(10))
+    )
+    cv_seeds: int = 2
+    folds: int = 3
+    grids: dict[str, dict[str, list[float]]] = dataclasses.field(
+        default_factory=lambda: {
+            "probe": {"beta": [1e-3, 1e-2]},
+            "l2": {"alpha": [1e-4, 1e-2]},
+            "l2_sp": {"alpha": [1e-3, 1e-2, 1e-1]},
+            "l1_sp": {"alpha": [1e-5, 1e-4, 1e-3]},
+            "group_lasso_sp": {"alpha": [1e-4, 1e-3, 1e-2]},
+        }
+    )
+    beta: float = 0.01
+    iterations: int = 300
+    probe_iterations: int = 600
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    pretrain_epochs: int = 3
+    source_width: int = 32
+
+    def validate(self):
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ConfigError(
+                f"Config key 'methods' names unknown methods {unknown}; "
+                f"known: {sorted(METHODS)}. Received: methods={self.methods}"
+            )
+        for name in ("seeds", "per_class"):
+            if not getattr(self, name):
+                raise ConfigError(f"Config key '{name}' must not be empty.")
+        if not 1 <= self.cv_seeds <= len(self.seeds):
+            raise ConfigError(
+                "Config key 'cv_seeds' must be between 1 and the number of "
+                f"seeds. Received: cv_seeds={self.cv_seeds}"
+            )
+        if self.folds < 2 or self.folds > min(self.per_class):
+            raise ConfigError(
+                "Config key 'folds' must be between 2 and the smallest "
+                f"per_class. Received: folds={self.folds}"
+            )
+        for method in self.compared():
+            _, names = METHODS[method]
+            grid = self.grids.get(method, {})
+            if sorted(grid) != sorted(names) or not all(grid.values()):
+                raise ConfigError(
+                    f"Config key 'grids.{method}' must give a non-empty "
+                    f"list for each of {list(names)}. Received: "
+                    f"grids.{method}={grid}"
+                )
+            for name, values in grid.items():
+                for value in values:
+                    if not (isinstance(value, (int, float)) and value >= 0):
+                        raise ConfigError(
+                            f"Config key 'grids.{method}.{name}' must hold "
+                            f"non-negative numbers. Received: {value!r}"
+                        )
+        for name in (
+            "iterations",
+            "probe_iterations",
+            "batch_size",
+            "source_width",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"Config key '{name}' must be positive. Received: "
+                    f"{name}={getattr(self, name)}"
+                )
+
+    def compared(self):
+        """The baselines, then the other methods, each once."""
+        return list(dict.fromkeys([*BASELINES, *self.methods]))
+
+
+def _points(grid):
+    """Every combination of the grid's values, as dicts."""
+    points = [{}]
+    for name in sorted(grid):
+        points = [{**p, name: v} for p in points for v in grid[name]]
+    return points
+
+
+def _label(params):
+    return ",".join(f"{k}={v:g}" for k, v in sorted(params.items()))
+
+
+def _evaluate(model, x, y):
+    accuracy, loss = training.accuracy_and_loss(model, x, y)
+    return {"accuracy": accuracy, "loss": loss}
+
+
+def _drift(model):
+    """||w - w0|| / ||w0|| over the penalized backbone kernels (0 when the
+    backbone was frozen: nothing moved)."""
+    return float(keras_sp.weight_drift(model)["relative"])
+
+
+class _Runs:
+    """Trains, tests and records the runs of one comparison."""
+
+    def __init__(self, config, task, data, results, progress):
+        self.config = config
+        self.task = task
+        self.data = data
+        self.results = results
+        self.progress = progress
+
+    def _run(self, key, method, params, seed, train, evaluate_on):
+        if not self.results.done(key):
+            started = time.time()
+            function, _ = METHODS[method]
+            x, y = self.data["x"], self.data["y"]
+            model, _ = function(self.task, params, seed, x[train], y[train])
+            record = {"key": key, "method": method, "seed": seed, **params}
+            record.update(_evaluate(model, *evaluate_on))
+            record["drift"] = _drift(model)
+            record["seconds"] = round(time.time() - started, 2)
+            self.results.append(record)
+        self.progress.add(1)
+        return self.results.get(key)
+
+    def choose(self, method, per_class, draws):
+        """The grid point with the best mean cross-validated accuracy."""
+        grid = self.config.grids[method]
+        points = _points(grid)
+        if len(points) == 1:
+            self.progress.add(0)
+            return points[0], None
+        x, y = self.data["x"], self.data["y"]
+        scores = []
+        for params in points:
+            runs = []
+            for seed in self.config.seeds[: self.config.cv_seeds]:
+                indices = draws[seed]
+                parts = comparison_stats.folds(
+                    y[indices], self.config.folds, seed
+                )
+                for fold, held in enumerate(parts):
+                    validation = indices[held]
+                    train = np.setdiff1d(indices, validation)
+                    key = (
+                        f"cv/{per_class}/{method}/{_label(params)}"
+                        f"/seed={seed}/fold={fold}"
+                    )
+                    runs.append(
+                        self._run(
+                            key,
+                            method,
+                            params,
+                            seed,
+                            train,
+                            (x[validation], y[validation]),
+                        )
+                    )
+            scores.append(
+                (
+                    np.mean([r["accuracy"] for r in runs]),
+                    -np.mean([r["loss"] for r in runs]),
+                )
+            )
+        best = max(range(len(points)), key=lambda i: scores[i])
+        return points[best], {
+            _label(p): round(float(s[0]), 4)
+            for p, s in zip(points, scores, strict=True)
+        }
+
+    def test(self, method, params, per_class, draws):
+        test = (self.data["x_test"], self.data["y_test"])
+        return [
+            self._run(
+                f"test/{per_class}/{method}/{_label(params)}/seed={seed}",
+                method,
+                params,
+                seed,
+                draws[seed],
+                test,
+            )
+            for seed in self.config.seeds
+        ]
+
+
+def _summary(method, params, cv_scores, runs, reference):
+    accuracy = np.array([r["accuracy"] for r in runs])
+    drift = np.array([r["drift"] for r in runs])
+    difference = comparison_stats.paired_difference(
+        accuracy, [r["accuracy"] for r in reference]
+    )
+    return {
+        "method": method,
+        "params": params,
+        "cv_accuracy": cv_scores,
+        "accuracy_mean": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std(ddof=1)) if len(runs) > 1 else 0.0,
+        "drift_mean": float(drift.mean()),
+        "difference_to_l2": difference,
+        "detectable": comparison_stats.smallest_detectable_effect(
+            difference["std"], difference["n"]
+        ),
+    }
+
+
+def format_table(rows, per_class, test_images, seeds):
+    """The Markdown table of one `per_class`."""
+    p = next(r["accuracy_mean"] for r in rows if r["method"] == "l2")
+    lines = [
+        f"### {per_class} training images per class",
+        "",
+        f"{seeds} matched seeds; {test_images} test images (binomial SE of "
+        "one run's accuracy at L2's mean: "
+        f"{100 * np.sqrt(p * (1 - p) / test_images):.2f} points).",
+        "",
+        "| method | chosen by CV | accuracy % | vs L2 (95 % CI) | "
+        "detectable | drift |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        d = row["difference_to_l2"]
+        versus = (
+            "—"
+            if row["method"] == "l2"
+            else f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, "
+            f"{100 * d['high']:+.2f}]"
+        )
+        detectable = (
+            "—" if row["method"] == "l2" else f"{100 * row['detectable']:.2f}"
+        )
+        lines.append(
+            f"| {row['method']} | {_label(row['params']) or '—'} | "
+            f"{100 * row['accuracy_mean']:.2f} ± "
+            f"{100 * row['accuracy_std']:.2f} | {versus} | {detectable} | "
+            f"{row['drift_mean']:.4f} |"
+        )
+    lines += [
+        "",
+        "vs L2: mean of the per-seed differences to L2 fine-tuning, in "
+        "points, with its Student-t 95 % interval. Detectable: the "
+        "difference a paired t-test at 5 % finds with 80 % power, given the "
+        "observed spread of the differences. Drift: ||w - w0|| / ||w0|| of "
+        "the backbone's kernels.",
+    ]
+    return "\n".join(lines)
+
+
+def plot_regime_map(summaries, path):
+    """Each method's gain over L2 (with its interval) against the number
+    of training images per class, saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    methods = [m for m in summaries[min(summaries)] if m != "l2"]
+    for offset, method in enumerate(methods):
+        sizes = sorted(summaries)
+        rows = [summaries[n][method]["difference_to_l2"] for n in sizes]
+        shift = 1 + 0.03 * (offset - len(methods) / 2)
+        axes.errorbar(
+            [n * shift for n in sizes],
+            [100 * r["mean"] for r in rows],
+            yerr=[
+                [100 * (r["mean"] - r["low"]) for r in rows],
+                [100 * (r["high"] - r["mean"]) for r in rows],
+            ],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xscale("log")
+    axes.set_xlabel("training images per class")
+    axes.set_ylabel("accuracy − L2 fine-tuning (points, 95 % CI)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_compare(config, out, verbose=1):
+    """Runs the comparison, writes `results.json`, `table.md` (and
+    `regime_map.png` for several `per_class`) under `out`.
+
+    Args:
+        config: a `CompareConfig`.
+        out: output folder; runs already in its `results.json` are skipped.
+        verbose: 1 prints progress and the tables.
+
+    Returns:
+        `{per_class: {method: summary}}`.
+    """
+    config.validate()
+    log = print if verbose else (lambda *args, **kwargs: None)
+    source, source_accuracy = fashion_source.pretrained_source_model(
+        epochs=config.pretrain_epochs,
+        width=config.source_width,
+        fc_units=None,
+        verbose=2 if verbose else 0,
+    )
+    log(f"Source model (classes 0-4): test accuracy {source_accuracy:.3f}")
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
+    x, y = fashion_source.select_classes(
+        x_train, y_train, fashion_source.TARGET_CLASSES
+    )
+    x_t, y_t = fashion_source.select_classes(
+        x_test, y_test, fashion_source.TARGET_CLASSES
+    )
+    data = {
+        "x": x.astype("float32"),
+        "y": y,
+        "x_test": x_t.astype("float32"),
+        "y_test": y_t,
+    }
+    task = Task(
+        source=source,
+        num_classes=len(fashion_source.TARGET_CLASSES),
+        iterations=config.iterations,
+        probe_iterations=config.probe_iterations,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        beta=config.beta,
+    )
+    results = ResultsFile(
+        os.path.join(out, "results.json"), dataclasses.asdict(config)
+    )
+    methods = config.compared()
+    cv_runs = sum(
+        len(_points(config.grids[m])) * config.cv_seeds * config.folds
+        for m in methods
+        if len(_points(config.grids[m])) > 1
+    )
+    progress = keras.utils.Progbar(
+        len(config.per_class) * (cv_runs + len(methods) * len(config.seeds)),
+        verbose=verbose,
+        unit_name="run",
+    )
+    runs = _Runs(config, task, data, results, progress)
+    summaries, tables = {}, []
+    for per_class in config.per_class:
+        draws = {s: few_shot(y, per_class, s) for s in config.seeds}
+        chosen = {m: runs.choose(m, per_class, draws) for m in methods}
+        tested = {
+            m: runs.test(m, chosen[m][0], per_class, draws) for m in methods
+        }
+        summaries[per_class] = {
+            m: _summary(m, *chosen[m], tested[m], tested["l2"]) for m in methods
+        }
+        tables.append(
+            format_table(
+                list(summaries[per_class].values()),
+                per_class,
+                len(y_t),
+                len(config.seeds),
+            )
+        )
+    text = "\n\n".join(tables) + "\n"
+    write_text(os.path.join(out, "table.md"), text)
+    if len(config.per_class) > 1:
+        plot_regime_map(summaries, os.path.join(out, "regime_map.png"))
+    log("")
+    log(text)
+    return summaries
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "compare",
+        help="methods against a linear probe and L2 fine-tuning, "
+        "matched seeds, k-fold CV",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "--config",
+        help="JSON file changing CompareConfig's defaults",
+    )
+    parser.add_argument(
+        "--out", default="results/compare", help="output folder (resumable)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, help="number of matched seeds (0, 1, ...)"
+    )
+    parser.add_argument(
+        "--methods", help="comma-separated methods (probe and l2 always run)"
+    )
+    parser.set_defaults(run=_run)
+    return parser
+
+
+def _run(args):
+    overrides = {}
+    if args.seeds is not None:
+        overrides["seeds"] = list(range(args.seeds))
+    if args.methods:
+        overrides["methods"] = args.methods.split(",")
+    path = config_path(args.config, CompareConfig.COMMAND)
+    config = load_config(path, CompareConfig, **overrides)
+    run_compare(config, args.out)

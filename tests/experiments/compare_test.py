@@ -1,0 +1,195 @@
+"""The comparison runner: k-fold selection, matched seeds, paired intervals."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from demo_test import tiny_fashion
+from scipy import stats
+
+from keras_sp.experiments import compare
+from keras_sp.experiments import comparison_methods
+from keras_sp.experiments import comparison_stats
+from keras_sp.experiments import fashion_source
+from keras_sp.experiments.config import ConfigError
+from keras_sp.experiments.config import load_config
+
+
+def test_folds_partition_each_class_evenly():
+    labels = np.repeat([0, 1, 2], [6, 7, 9])
+    parts = comparison_stats.folds(labels, 3, seed=4)
+    joined = np.sort(np.concatenate(parts))
+    np.testing.assert_array_equal(joined, np.arange(len(labels)))
+    for label, size in ((0, 6), (1, 7), (2, 9)):
+        counts = [int(np.sum(labels[p] == label)) for p in parts]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == size
+    again = comparison_stats.folds(labels, 3, seed=4)
+    assert all((a == b).all() for a, b in zip(parts, again, strict=True))
+    with pytest.raises(ValueError, match=r"k=7"):
+        comparison_stats.folds(labels, 7, seed=0)
+    with pytest.raises(ValueError, match=r"k=1"):
+        comparison_stats.folds(labels, 1, seed=0)
+
+
+def test_paired_difference_is_the_student_t_interval_of_the_differences():
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(0.8, 0.9, size=10)
+    values = reference + rng.normal(0.01, 0.005, size=10)
+    d = comparison_stats.paired_difference(values, reference)
+    differences = values - reference
+    low, high = stats.ttest_rel(values, reference).confidence_interval(0.95)
+    assert d["mean"] == pytest.approx(differences.mean())
+    assert d["std"] == pytest.approx(differences.std(ddof=1))
+    assert (d["low"], d["high"]) == pytest.approx((low, high))
+    with pytest.raises(ValueError, match="one length"):
+        comparison_stats.paired_difference([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+def test_smallest_detectable_effect_has_the_power_it_claims(n):
+    """Brute force: the exact power of the two-sided paired t-test (a
+    noncentral t) at the returned effect is close to 80 %."""
+    effect = comparison_stats.smallest_detectable_effect(2.0, n)
+    critical = stats.t.ppf(0.975, n - 1)
+    shift = effect / (2.0 / math.sqrt(n))
+    power = stats.nct.sf(critical, n - 1, shift) + stats.nct.cdf(
+        -critical, n - 1, shift
+    )
+    assert power == pytest.approx(0.8, abs=0.03)
+    assert comparison_stats.smallest_detectable_effect(1.0, 1) == math.inf
+
+
+@pytest.fixture
+def tiny_setting(monkeypatch):
+    data = tiny_fashion(per_class_train=12, per_class_test=6)
+    source = fashion_source.build_small_cnn(
+        5, width=4, fc_units=None, head_name="source_head"
+    )
+    monkeypatch.setattr(compare, "load_fashion_mnist", lambda: data)
+    monkeypatch.setattr(
+        fashion_source,
+        "pretrained_source_model",
+        lambda **kwargs: (source, 0.5),
+    )
+    config = load_config(
+        {
+            "methods": ["l2_sp"],
+            "per_class": [4, 6],
+            "seeds": [0, 1, 2],
+            "cv_seeds": 2,
+            "folds": 2,
+            "grids": {
+                "probe": {"beta": [0.01]},
+                "l2": {"alpha": [1e-4, 1.0]},
+                "l2_sp": {"alpha": [0.01]},
+            },
+            "iterations": 3,
+            "probe_iterations": 3,
+            "batch_size": 8,
+        },
+        compare.CompareConfig,
+    )
+    return config, data
+
+
+def test_compare_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
+    config, data = tiny_setting
+    out = str(tmp_path / "compare")
+    summaries = compare.run_compare(config, out, verbose=0)
+    with open(os.path.join(out, "results.json")) as handle:
+        runs = json.load(handle)["runs"]
+    (x_train, y_train), _ = data
+    target = np.isin(y_train, fashion_source.TARGET_CLASSES)
+    for per_class in (4, 6):
+        cv = [r for r in runs if r["key"].startswith(f"cv/{per_class}/")]
+        # Only l2 has more than one grid point: 2 alphas x 2 seeds x 2 folds.
+        assert {r["method"] for r in cv} == {"l2"} and len(cv) == 8
+        scores = {}
+        for alpha in (1e-4, 1.0):
+            chosen = [r for r in cv if r["alpha"] == alpha]
+            scores[alpha] = (
+                np.mean([r["accuracy"] for r in chosen]),
+                -np.mean([r["loss"] for r in chosen]),
+            )
+        row = summaries[per_class]["l2"]
+        assert row["params"] == {"alpha": max(scores, key=scores.get)}
+
+        test = {
+            m: [
+                r for r in runs if r["key"].startswith(f"test/{per_class}/{m}/")
+            ]
+            for m in ("probe", "l2", "l2_sp")
+        }
+        for method, records in test.items():
+            assert [r["seed"] for r in records] == [0, 1, 2]
+            accuracy = np.array([r["accuracy"] for r in records])
+            reference = np.array([r["accuracy"] for r in test["l2"]])
+            summary = summaries[per_class][method]
+            assert summary["accuracy_mean"] == pytest.approx(accuracy.mean())
+            assert summary["difference_to_l2"]["mean"] == pytest.approx(
+                (accuracy - reference).mean()
+            )
+            if method == "probe":
+                assert all(r["drift"] == 0.0 for r in records)
+            else:
+                assert all(r["drift"] > 0.0 for r in records)
+        # The test set is every test image of the target classes.
+        assert target.sum() == 5 * 12
+    with open(os.path.join(out, "table.md")) as handle:
+        table = handle.read()
+    assert "### 4 training images per class" in table
+    assert "| l2_sp | alpha=0.01 |" in table
+    assert os.path.exists(os.path.join(out, "regime_map.png"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setitem(
+        comparison_methods.METHODS, "l2", (no_training, ("alpha",))
+    )
+    again = compare.run_compare(config, out, verbose=0)
+    assert again[4]["l2"]["params"] == summaries[4]["l2"]["params"]
+
+
+def test_matched_seeds_give_the_same_images_head_and_batches(tiny_setting):
+    """Two methods on one seed start from one head: with alpha = 0, L2 and
+    L2-SP are the same objective and train to the same weights."""
+    config, data = tiny_setting
+    source, _ = fashion_source.pretrained_source_model()
+    task = comparison_methods.Task(
+        source=source,
+        num_classes=5,
+        iterations=3,
+        probe_iterations=3,
+        batch_size=8,
+        learning_rate=0.01,
+        beta=0.01,
+    )
+    (x, y), _ = data
+    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
+    x = x.astype("float32")
+    first, _ = comparison_methods.METHODS["l2"][0](
+        task, {"alpha": 0.0}, 3, x, y
+    )
+    second, _ = comparison_methods.METHODS["l2_sp"][0](
+        task, {"alpha": 0.0}, 3, x, y
+    )
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"methods": ["l3"]}, "unknown methods"),
+        ({"folds": 40}, "folds"),
+        ({"cv_seeds": 11}, "cv_seeds"),
+        ({"grids": {"l2": {"alpha": [0.1]}}}, "grids.probe"),
+        ({"per_class": []}, "per_class"),
+    ],
+)
+def test_bad_config(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(values, compare.CompareConfig)
