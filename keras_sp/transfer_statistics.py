@@ -156,7 +156,7 @@ def _class_indices(y, num_classes, what):
         )
     y = y.astype("int64")
     if num_classes is None:
-        num_classes = int(y.max()) + 1 if y.min() >= 0 else 0
+        num_classes = max(int(y.max()) + 1, 1)
     bad = (y < 0) | (y >= num_classes)
     if np.any(bad):
         raise ValueError(
@@ -192,23 +192,33 @@ def _batches(model, x, y, batch_size):
 # DELTA's channel attention.
 
 
-def _loss_function(model, loss):
-    if loss is not None:
-        if not callable(loss):
+class _Loss:
+    """`forward(x)` calls the model in inference mode; `__call__(y, out)`
+    is the loss of its result. The default loss is the cross-entropy from
+    the log-softmax of the logits, read before a final softmax as
+    `diagonal_fisher` does (no probability clipped at 1e-7)."""
+
+    def __init__(self, model, loss):
+        if loss is not None and not callable(loss):
             raise ValueError(
                 "`loss` must be None or a callable `loss(y_true, y_pred)`, "
                 f"such as a keras.losses.Loss. Received: loss={loss!r}"
             )
-        return loss
-    softmax = _outputs.final_activation(_outputs.output_layer(model))
-    from_logits = softmax != "softmax"
+        self.model = model
+        self.loss = loss
+        self.outputs = _outputs.Outputs(model, None)
 
-    def cross_entropy(y_true, y_pred):
-        return keras.losses.sparse_categorical_crossentropy(
-            y_true, y_pred, from_logits=from_logits
+    def forward(self, x):
+        if self.loss is not None:
+            return self.model(x, training=False)
+        return self.outputs.log_probabilities(
+            lambda: self.model(x, training=False)
         )
 
-    return cross_entropy
+    def __call__(self, y, outputs):
+        if self.loss is not None:
+            return self.loss(y, outputs)
+        return -ops.take_along_axis(outputs, ops.expand_dims(y, 1), axis=1)
 
 
 def _mean(value):
@@ -345,7 +355,7 @@ def channel_attention(
     verbose = _check_verbose(verbose)
     resolved = _channel_zeroing.resolve_layers(model, layers)
     count = _examples(model, x, y, "channel attention")
-    loss_fn = _loss_function(model, loss)
+    loss_fn = _Loss(model, loss)
     intervention = _channel_zeroing.ChannelZeroing(resolved)
     sums, progbar, done, offset, indices = None, None, 0, 0, None
     batch_count = math.ceil(count / batch_size)
@@ -353,7 +363,7 @@ def channel_attention(
         for x_batch, y_batch, size in _batches(model, x, y, batch_size):
             x_batch = tree.map_structure(ops.convert_to_tensor, x_batch)
             intervention.zeroed = None
-            outputs = model(x_batch, training=False)
+            outputs = loss_fn.forward(x_batch)
             if sums is None:
                 channels = _channel_zeroing.channel_counts(
                     resolved, intervention.shapes
@@ -370,7 +380,7 @@ def channel_attention(
             for index, total in enumerate(sums):
                 for channel in range(total.size):
                     intervention.zeroed = (index, channel)
-                    outputs = model(x_batch, training=False)
+                    outputs = loss_fn.forward(x_batch)
                     total[channel] += (
                         _mean(loss_fn(y_batch, outputs)) - base
                     ) * size
@@ -530,11 +540,9 @@ def category_relationship(
     batch_size = _check_batch_size(batch_size)
     verbose = _check_verbose(verbose)
     count = _examples(source_model, x, y, "category relationship")
-    what = (
-        "`num_classes`"
-        if num_classes is None
-        else (f"num_classes={num_classes}")
-    )
+    what = f"num_classes={num_classes}"
+    if num_classes is None:
+        what = "num_classes=None: the largest label plus one"
     labels, num_classes = _class_indices(y, num_classes, what)
     members = np.bincount(labels, minlength=num_classes)
     empty = np.flatnonzero(members == 0)
