@@ -13,6 +13,7 @@ from keras_sp import fisher
 from keras_sp import layers
 from keras_sp import regularizers
 from keras_sp import surgery
+from keras_sp import transfer_statistics
 from keras_sp import units
 from keras_sp.batchnorm import reestimate_batchnorm
 from keras_sp.drift import unit_drift
@@ -45,6 +46,7 @@ __all__ = [
     "regularizers",
     "starting_point",
     "surgery",
+    "transfer_statistics",
     "unfreeze",
     "unit_drift",
     "units",
