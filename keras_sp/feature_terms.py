@@ -125,7 +125,7 @@ class DELTA(FeatureTerm):
     ||FM_j(w) - FM_j(w0)||^2 / (h * w))`), for a layer of C channels and
     H x W positions per example
 
-        alpha * 1/2 * sum_j C * a_j * mean_positions (FM_j(w, x) - FM_j(w0, x))^2
+        alpha / 2 * sum_j C a_j mean_positions (FM_j(w, x) - FM_j(w0, x))^2
 
     summed over the layers and averaged over the batch (the reference sums
     over the batch: its trade-off t is `alpha = t * batch size` here). The
