@@ -306,6 +306,24 @@ class FeatureRegularized(keras.Model):
             self._shapes_checked = True
         return {_LOGITS: logits, _EXTRAS: extras}
 
+    def fit(self, *args, **kwargs):
+        if self._shapes_checked or keras.backend.backend() != "jax":
+            return super().fit(*args, **kwargs)
+        # JAX's `fit` moves the variables' values into its own state before
+        # tracing the first step, and puts them back only after a step ran:
+        # a bad shape a term finds while tracing would leave them empty.
+        saved = [
+            (variable, np.array(ops.convert_to_numpy(variable.value)))
+            for variable in self.variables
+        ]
+        try:
+            return super().fit(*args, **kwargs)
+        except Exception:
+            if not self._shapes_checked:
+                for variable, value in saved:
+                    variable.assign(value)
+            raise
+
     def feature_penalties(self, y_pred, y):
         """`{term name: value}` of every term on one training forward pass
         (`y_pred = regularized(x, training=True)`) and its labels."""
