@@ -171,13 +171,14 @@ class FeatureRegularized(keras.Model):
 
     Example:
 
-    >>> import keras, keras_sp, numpy as np
+    >>> import keras, numpy as np
+    >>> from keras_sp import feature_space as fs
     >>> inputs = keras.Input((4,))
     >>> h = keras.layers.Dense(8, activation="relu", name="features")(inputs)
     >>> model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
-    >>> regularized = keras_sp.FeatureRegularized(
-    ...     model, terms=[keras_sp.feature_space.DELTA(["features"], alpha=0.1),
-    ...                   keras_sp.feature_space.BSS(eta=0.001, k=1)])
+    >>> regularized = fs.FeatureRegularized(
+    ...     model, terms=[fs.DELTA(["features"], alpha=0.1),
+    ...                   fs.BSS(eta=0.001, k=1)])
     >>> regularized.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
     ...     from_logits=True))
     >>> x = np.ones((6, 4), "float32"); y = np.zeros(6, "int32")
