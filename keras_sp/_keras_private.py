@@ -5,6 +5,8 @@ Each helper says why public Keras is not enough.
 these helpers rely on.
 """
 
+import contextlib
+
 import keras
 from keras.src.models.functional import Functional
 from keras.src.saving.keras_saveable import KerasSaveable
@@ -20,6 +22,7 @@ __all__ = [
     "own_variables",
     "pfor_converter_registry",
     "pfor_wrap",
+    "recorded_calls",
     "rebuild_optimizer",
     "rebuilds_in_place",
     "restore_call",
@@ -282,3 +285,46 @@ def pfor_wrap(tensor, stacked=True):
     from tensorflow.python.ops.parallel_for import pfor
 
     return pfor.wrap(tensor, stacked)
+
+
+@contextlib.contextmanager
+def recorded_calls(layers):
+    """Within the block, every call of a layer in `layers` is recorded.
+
+    Yields `{id(layer): [(inputs, outputs), ...]}`, one entry per call, in
+    call order; `inputs` is the first argument of the call. Public Keras has
+    no forward hook: `Layer.__call__` calls `self.call`, which is looked up
+    on the instance first, so a recording `call` is set there for the
+    block and the layer's own (class or instance) `call` is restored after.
+    Used by `keras_sp.FeatureRegularized` to read feature maps from the
+    forward pass it runs anyway.
+    """
+    records = {id(layer): [] for layer in layers}
+    saved = []
+    try:
+        for layer in layers:
+            if id(layer) in {id(done) for done, _ in saved}:
+                continue
+            previous = layer.__dict__.get("call", _NO_CALL)
+            saved.append((layer, previous))
+            layer.__dict__["call"] = _recording(layer.call, records[id(layer)])
+        yield records
+    finally:
+        for layer, previous in reversed(saved):
+            if previous is _NO_CALL:
+                layer.__dict__.pop("call", None)
+            else:
+                layer.__dict__["call"] = previous
+
+
+_NO_CALL = object()
+
+
+def _recording(call, record):
+    def recording_call(*args, **kwargs):
+        outputs = call(*args, **kwargs)
+        inputs = args[0] if args else next(iter(kwargs.values()))
+        record.append((inputs, outputs))
+        return outputs
+
+    return recording_call
