@@ -9,6 +9,7 @@ papers are in `keras_sp.experiments`, which nothing here imports.
 
 from keras_sp import callbacks
 from keras_sp import distribution
+from keras_sp import feature_space
 from keras_sp import fisher
 from keras_sp import layers
 from keras_sp import regularizers
@@ -18,6 +19,7 @@ from keras_sp import units
 from keras_sp.batchnorm import reestimate_batchnorm
 from keras_sp.drift import unit_drift
 from keras_sp.drift import weight_drift
+from keras_sp.feature_space import FeatureRegularized
 from keras_sp.penalties import regularize
 from keras_sp.penalties import starting_point
 from keras_sp.penalties import unregularize
@@ -32,11 +34,13 @@ from keras_sp.units import unfreeze
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureRegularized",
     "callbacks",
     "copy_units",
     "deepen",
     "depth_units",
     "distribution",
+    "feature_space",
     "fisher",
     "freeze_batchnorm",
     "freeze_first",
