@@ -91,6 +91,11 @@ class CompareConfig:
             "l2_sp": {"alpha": [1e-3, 1e-2, 1e-1]},
             "l1_sp": {"alpha": [1e-5, 1e-4, 1e-3]},
             "group_lasso_sp": {"alpha": [1e-4, 1e-3, 1e-2]},
+            "delta": {"alpha": [1e-3, 1e-2, 1e-1]},
+            "delta_l2_sp": {"alpha": [1e-2], "sp_alpha": [1e-2]},
+            "bss": {"eta": [1e-4, 1e-3, 1e-2]},
+            "lwf": {"weight": [0.1, 1.0]},
+            "co_tuning": {"weight": [0.23, 2.3]},
         }
     )
     beta: float = 0.01

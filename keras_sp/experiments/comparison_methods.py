@@ -13,6 +13,8 @@ import dataclasses
 import keras
 
 import keras_sp
+from keras_sp import feature_space
+from keras_sp import transfer_statistics
 from keras_sp.experiments import training
 
 __all__ = [
@@ -98,6 +100,73 @@ def penalized(kind):
     return train
 
 
+def _source_head(task):
+    """A trainable copy of the pretrained source classifier."""
+    original = task.source.get_layer("source_head")
+    head = original.__class__.from_config(original.get_config())
+    head.build(original.input.shape)
+    head.set_weights(original.get_weights())
+    return head
+
+
+# The outer feature maps DELTA matches (the last two blocks of the CNN).
+DELTA_LAYERS = ("relu2", "relu3")
+
+
+def _terms(name, task, params, seed, x, y):
+    """The `keras_sp.feature_space` terms of method `name`."""
+    if name == "bss":
+        return [feature_space.BSS(eta=params["eta"], k=1)]
+    if name == "lwf":
+        return [feature_space.LwF(weight=params["weight"], temperature=2.0)]
+    if name == "co_tuning":
+        relationship = transfer_statistics.category_relationship(
+            task.source, x, y, num_classes=task.num_classes, verbose=0
+        )
+        return [feature_space.CoTuning(relationship, weight=params["weight"])]
+    # DELTA: channel attention from a linear probe on the target images
+    # (the backbone frozen), scaled by the number of channels as the
+    # authors' code does (mean weight 1).
+    probed, _ = probe(task, {"beta": task.beta}, seed, x, y)
+    attention = transfer_statistics.channel_attention(
+        probed, x, y, list(DELTA_LAYERS), verbose=0
+    )
+    scaled = {k: v * v.size for k, v in attention.items()}
+    return [
+        feature_space.DELTA(
+            layers=list(DELTA_LAYERS), alpha=params["alpha"], attention=scaled
+        )
+    ]
+
+
+def feature_regularized(name, kind="l2"):
+    """Fine-tuning with the feature-space term of `name` (DELTA, BSS, LwF,
+    Co-Tuning: `keras_sp.FeatureRegularized`), the penalty `kind` on the
+    weights (`params["sp_alpha"]`, 0 without it) and `task.beta` on the
+    head."""
+
+    def train(task, params, seed, x, y):
+        terms = _terms(name, task, params, seed, x, y)
+        model, backbone, head = target_model(task, seed)
+        keras_sp.regularize(
+            model,
+            kind,
+            alpha=params.get("sp_alpha", 0.0),
+            beta=task.beta,
+            new_layers=[head],
+        )
+        uses_head = any(term.uses_source_head for term in terms)
+        wrapper = keras_sp.FeatureRegularized(
+            model,
+            terms,
+            source_head=_source_head(task) if uses_head else None,
+        )
+        _fit(task, wrapper, x, y, seed, task.iterations, task.learning_rate)
+        return model, backbone
+
+    return train
+
+
 # name -> (train function, the hyper-parameters of its grid)
 METHODS = {
     "probe": (probe, ("beta",)),
@@ -105,4 +174,12 @@ METHODS = {
     "l2_sp": (penalized("l2_sp"), ("alpha",)),
     "l1_sp": (penalized("l1_sp"), ("alpha",)),
     "group_lasso_sp": (penalized("group_lasso_sp"), ("alpha",)),
+    "delta": (feature_regularized("delta"), ("alpha",)),
+    "delta_l2_sp": (
+        feature_regularized("delta", "l2_sp"),
+        ("alpha", "sp_alpha"),
+    ),
+    "bss": (feature_regularized("bss"), ("eta",)),
+    "lwf": (feature_regularized("lwf"), ("weight",)),
+    "co_tuning": (feature_regularized("co_tuning"), ("weight",)),
 }

@@ -193,3 +193,48 @@ def test_matched_seeds_give_the_same_images_head_and_batches(tiny_setting):
 def test_bad_config(values, message):
     with pytest.raises(ConfigError, match=message):
         load_config(values, compare.CompareConfig)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("bss", {"eta": 0.0}),
+        ("lwf", {"weight": 0.0}),
+        ("co_tuning", {"weight": 0.0}),
+        ("delta", {"alpha": 0.0}),
+    ],
+)
+def test_a_feature_term_at_zero_weight_trains_as_plain_fine_tuning(
+    tiny_setting, method, params
+):
+    """The wrapper adds its term and nothing else: at weight 0 the target
+    network trains to the weights of L2 fine-tuning at alpha = 0 (same seed,
+    same images, same batches)."""
+    _, data = tiny_setting
+    source, _ = fashion_source.pretrained_source_model()
+    task = comparison_methods.Task(
+        source=source,
+        num_classes=5,
+        iterations=3,
+        probe_iterations=3,
+        batch_size=8,
+        learning_rate=0.01,
+        beta=0.01,
+    )
+    (x, y), _ = data
+    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
+    x = x.astype("float32")
+    plain, _ = comparison_methods.METHODS["l2"][0](
+        task, {"alpha": 0.0}, 5, x, y
+    )
+    source_before = [w.copy() for w in source.get_weights()]
+    regularized, _ = comparison_methods.METHODS[method][0](
+        task, params, 5, x, y
+    )
+    for a, b in zip(
+        plain.get_weights(), regularized.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The pretrained source model (its classifier included) is untouched.
+    for a, b in zip(source_before, source.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
