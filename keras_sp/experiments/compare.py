@@ -91,9 +91,9 @@ class CompareConfig:
             "l2_sp": {"alpha": [1e-3, 1e-2, 1e-1]},
             "l1_sp": {"alpha": [1e-5, 1e-4, 1e-3]},
             "group_lasso_sp": {"alpha": [1e-4, 1e-3, 1e-2]},
-            "delta": {"alpha": [1e-3, 1e-2, 1e-1]},
+            "delta": {"alpha": [1e-2, 1e-1]},
             "delta_l2_sp": {"alpha": [1e-2], "sp_alpha": [1e-2]},
-            "bss": {"eta": [1e-4, 1e-3, 1e-2]},
+            "bss": {"eta": [1e-3, 1e-2]},
             "lwf": {"weight": [0.1, 1.0]},
             "co_tuning": {"weight": [0.23, 2.3]},
         }
@@ -406,9 +406,14 @@ def run_compare(config, out, verbose=1):
         learning_rate=config.learning_rate,
         beta=config.beta,
     )
-    results = ResultsFile(
-        os.path.join(out, "results.json"), dataclasses.asdict(config)
-    )
+    # What a run's key does not name: a later call with more methods, seeds
+    # or sizes (or other grids) reuses the runs it shares with this one.
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("methods", "per_class", "seeds", "cv_seeds", "grids")
+    }
+    results = ResultsFile(os.path.join(out, "results.json"), settings)
     methods = config.compared()
     cv_runs = sum(
         len(_points(config.grids[m])) * config.cv_seeds * config.folds

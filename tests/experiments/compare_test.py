@@ -151,6 +151,12 @@ def test_compare_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
     )
     again = compare.run_compare(config, out, verbose=0)
     assert again[4]["l2"]["params"] == summaries[4]["l2"]["params"]
+    # A later call with one more method reuses every run it shares.
+    config.methods = ["l2_sp", "l1_sp"]
+    config.grids["l1_sp"] = {"alpha": [1e-4]}
+    more = compare.run_compare(config, out, verbose=0)
+    assert more[6]["l2"] == summaries[6]["l2"]
+    assert set(more[6]) == {"probe", "l2", "l2_sp", "l1_sp"}
 
 
 def test_matched_seeds_give_the_same_images_head_and_batches(tiny_setting):
