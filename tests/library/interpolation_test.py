@@ -186,7 +186,7 @@ def test_batchnorm_statistics_reestimated_on_data():
     # The same from a dataset of (inputs, targets) batches.
     other, _, _ = recorded()
     batches = ((x[i : i + 3], x[i : i + 3]) for i in range(0, len(x), 3))
-    interpolate(other, 0.6, batchnorm_data=batches)
+    interpolate(other, 0.6, batchnorm_data=batches, batch_size=4)
     assert_bits_equal(values(other), got)
     # Weight 1 then restores the fine-tuned statistics, bit for bit.
     interpolate(model, 1.0)
