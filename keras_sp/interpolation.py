@@ -375,7 +375,9 @@ def interpolate(model, weight, *, batchnorm_data=None, batch_size=256):
 
 
 def _set(model, endpoint, plan, weight, batchnorm_data, batch_size):
-    before = _read(model)
+    """Interpolates from `endpoint` (whose `left` is the model's current
+    weights); on error, puts those back."""
+    before = endpoint.left
     try:
         _assign(model, _interpolated(plan, endpoint.fine_tuned, weight))
         if batchnorm_data is not None:
@@ -429,7 +431,10 @@ def interpolation_curve(
     Args:
         model: a compiled `keras.Model` with a recorded starting point.
         weights: list of floats in [0, 1], the alphas to evaluate.
-        x, y, batch_size: passed to `model.evaluate`.
+        x: the inputs, passed to `model.evaluate`.
+        y: the targets, passed to `model.evaluate` (None for a dataset).
+        batch_size: passed to `model.evaluate`, and the batch size of the
+            BatchNormalization re-estimation (default 256 there).
         batchnorm_data: optional inputs on which the BatchNormalization
             moving statistics are re-estimated at each weight (see
             `interpolate`).
