@@ -110,3 +110,32 @@ def group_axes(layer, variable):
     if depthwise and rank >= 3:
         return tuple(range(rank - 2))
     return None
+
+
+def shared_variables(model, new_layers):
+    """Every floating-point variable of the layers of `model` outside
+    `new_layers` (resolved layers), trainable or not, once each, in layer
+    order."""
+    new_ids = set()
+    for layer in new_layers:
+        new_ids.update(id(x) for x in layers_in(layer))
+    variables = []
+    seen = set()
+    for layer in layers_in(model):
+        if id(layer) in new_ids:
+            continue
+        for variable in _keras_private.own_variables(layer):
+            if id(variable) not in seen and keras.backend.is_float_dtype(
+                variable.dtype
+            ):
+                seen.add(id(variable))
+                variables.append(variable)
+    return variables
+
+
+def frozen_copy(value):
+    """A read-only NumPy copy of a variable's current value (or an array):
+    a starting point that later training cannot change."""
+    value = np.array(to_numpy(value), copy=True)
+    value.flags.writeable = False
+    return value

@@ -76,11 +76,15 @@ class _Memory:
     `fisher_epsilon`) are `{variable.path: np.ndarray}`; `settings` are the
     arguments of the last `regularize` call. They outlive `unregularize` and
     a switch to a kind that does not use them, so that a later `regularize`
-    measures against the pretrained w0 and finds F again.
+    measures against the pretrained w0 and finds F again. `unpenalized` is
+    the w0 `regularize` records for the shared variables it does not
+    penalize, read by `keras_sp.interpolate` only (not by
+    `starting_point`, so drift measures stay on the penalized variables).
     """
 
     def __init__(self):
         self.starting_point = {}
+        self.unpenalized = {}
         self.fisher = {}
         self.settings = None
 
@@ -135,7 +139,8 @@ def starting_point(model):
     Returns:
         A `PathDict` `{variable.path: np.ndarray}`: the w0 of every -SP
         penalty attached and, kept in memory while the model lives, the w0
-        `regularize` recorded for `kind="l2"` or before `unregularize`.
+        `regularize` recorded for `kind="l2"` or before `unregularize`, and
+        those `keras_sp.record_starting_point` recorded.
         Empty when there is none. Its lookups accept a path Keras changed
         on save/load (`"backbone/c1/kernel"` finds `"c1/kernel"`).
 
@@ -278,6 +283,34 @@ def unregularize(model):
     return model
 
 
+def _unpenalized_starting_point(model, new_layers, plan, references):
+    """`{path: w0}` for the variables outside `new_layers` that `regularize`
+    does not penalize (biases, BatchNormalization gamma, beta and moving
+    statistics): the entry of `references` (an explicit `starting_point`)
+    when it has one, else the current value if no w0 is recorded yet, so
+    that `keras_sp.interpolate` finds a w0 for every pretrained variable."""
+    penalized = {id(variable) for _, variable, _, _ in plan}
+    memory = _memory(model)
+    recorded = PathDict({**memory.unpenalized, **memory.starting_point})
+    entries = {}
+    for variable in _selection.shared_variables(model, new_layers):
+        path = variable.path
+        if id(variable) in penalized:
+            continue
+        value = _paths.MISSING
+        if references is not None:
+            value = _paths.lookup(references, path, "starting_point")
+        if value is not _paths.MISSING:
+            value = _selection.frozen_copy(value)
+            check_array(
+                f"starting_point['{path}']", value, shape=variable.shape
+            )
+            entries[path] = value
+        elif path not in recorded:
+            entries[path] = _selection.frozen_copy(variable)
+    return entries
+
+
 def _check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(
@@ -336,6 +369,13 @@ def regularize(
     same way: `l2_sp_fisher` -> `l2_sp` -> `l2_sp_fisher` finds F again.
     `unregularize` removes the penalties. A compiled model's train and test
     functions are rebuilt so the next step uses the new penalties.
+
+    The variables of the shared part that get no penalty (biases, and
+    BatchNormalization gamma, beta and moving statistics with
+    `penalize="kernels"`) get a w0 recorded in memory too, when they have
+    none yet (from `starting_point` when it has their entry), so that
+    `keras_sp.interpolate` moves the whole shared part toward w0;
+    `keras_sp.starting_point` does not list them.
 
     Args:
         model: a built `keras.Model`.
@@ -493,8 +533,13 @@ def regularize(
             check_array(f"fisher['{path}']", f, non_negative=True, shape=shape)
         plan.append((layer, variable, w0, f))
 
+    unpenalized = _unpenalized_starting_point(
+        model, new_layers, plan, references
+    )
+
     # Everything is checked: now replace the penalties.
     _detach(model)
+    memory.unpenalized.update(unpenalized)
     for layer, variable, w0, f in plan:
         memory.starting_point[variable.path] = w0
         if f is not None:
