@@ -20,6 +20,9 @@ from keras_sp.batchnorm import reestimate_batchnorm
 from keras_sp.drift import unit_drift
 from keras_sp.drift import weight_drift
 from keras_sp.feature_space import FeatureRegularized
+from keras_sp.interpolation import interpolate
+from keras_sp.interpolation import interpolation_curve
+from keras_sp.interpolation import record_starting_point
 from keras_sp.penalties import regularize
 from keras_sp.penalties import starting_point
 from keras_sp.penalties import unregularize
@@ -44,7 +47,10 @@ __all__ = [
     "fisher",
     "freeze_batchnorm",
     "freeze_first",
+    "interpolate",
+    "interpolation_curve",
     "layers",
+    "record_starting_point",
     "reestimate_batchnorm",
     "regularize",
     "regularizers",
