@@ -51,9 +51,9 @@ class LinearProbe(keras.callbacks.Callback):
     saved during the probe records the probe's flags, not those from
     before. On a model whose flags are the probe's (every layer with
     weights frozen except `new_layers`) and that has no record, fine-tuning
-    makes every layer trainable except `keep_frozen`. A model rebuilt with
-    its pre-probe flags (a restarted script whose backup is restored into
-    it) is recorded as usual. So if you froze layers before the probe
+    makes every layer trainable except `keep_frozen`; any other model
+    without a record is taken to have its pre-probe flags. So if you froze
+    layers before the probe
     (`keras_sp.freeze_batchnorm`, `keras_sp.freeze_first`) and may resume
     from a file saved during the probe, list them in `keep_frozen`: both
     runs then fine-tune the same layers. `keep_frozen` layers stay frozen
