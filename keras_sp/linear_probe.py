@@ -184,8 +184,7 @@ class LinearProbe(keras.callbacks.Callback):
         else:
             phase, rate = "fine-tune", self.finetune_learning_rate
             flags = self._finetune_flags(model)
-        if flags is not None:
-            _set_flags(model, flags)
+        _set_flags(model, flags)
         if rate is not None and phase != self._phase:
             model.optimizer.learning_rate = rate
         self._phase = phase
@@ -207,7 +206,9 @@ class LinearProbe(keras.callbacks.Callback):
         ]
 
     def _finetune_flags(self, model):
-        """The flags from before the probe, None if they are set already."""
+        """The flags from before the probe (recorded, or every layer
+        trainable after a probe without record, or the current flags),
+        with `keep_frozen` frozen."""
         layers = _keras_private.all_layers(model)
         ids = [id(layer) for layer in layers]
         record = _BEFORE_PROBE.pop(model, None)
@@ -216,7 +217,7 @@ class LinearProbe(keras.callbacks.Callback):
         elif self._is_probed(model):
             flags = [True] * len(layers)
         else:
-            return None
+            flags = [layer.trainable for layer in layers]
         kept = _inside(self._kept)
         return [
             flag and id(layer) not in kept
@@ -269,9 +270,10 @@ def _check_layers(name, value, allow_empty):
     except TypeError:
         items = None
     if items is None or (not items and not allow_empty):
+        kind = "a list" if allow_empty else "a non-empty list"
         raise ValueError(
-            f"`{name}` must be a non-empty list of layers (or layer names) "
-            f"of the model. Received: {name}={value!r}"
+            f"`{name}` must be {kind} of layers (or layer names) of the "
+            f"model. Received: {name}={value!r}"
         )
 
 

@@ -151,6 +151,36 @@ def test_fine_tuning_changes_the_backbone_and_restores_the_flags():
     assert all(before.values())
 
 
+def test_a_nested_backbone_is_frozen_then_fine_tuned():
+    """`Sequential([backbone, head])`, the usual transfer model: the
+    nested backbone (a model of its own) is frozen during the probe, and
+    it and every layer in it are trainable again afterwards."""
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Flatten()(keras.layers.ReLU()(x))
+    backbone = keras.Model(inputs, x, name="backbone")
+    model = keras.Sequential(
+        [backbone, keras.layers.Dense(3, name="head")], name="outer"
+    )
+    compile_like(model)
+    snapshots = EpochSnapshots()
+    model.fit(
+        *data(), epochs=2, callbacks=[LinearProbe("head", 1), snapshots], **FIT
+    )
+    start, probed, tuned = snapshots.snapshots
+    head = head_paths(model)
+    assert len(start) == 8
+    for path, value in start.items():
+        if path in head:
+            assert not np.array_equal(probed[path], value), path
+        else:
+            np.testing.assert_array_equal(probed[path], value, err_msg=path)
+        assert not np.array_equal(tuned[path], probed[path]), path
+    assert backbone.trainable
+    assert all(layer.trainable for layer in backbone.layers)
+
+
 def test_one_step_per_phase_matches_numpy_sgd():
     """x -> fc -> head, mean squared error, one full batch per epoch. The
     probe's step moves the head only, at the probe's rate; fine-tuning's
@@ -192,6 +222,32 @@ def test_one_step_per_phase_matches_numpy_sgd():
             after_probe[path], value, rtol=1e-6, atol=1e-7, err_msg=path
         )
     freezing_reference.assert_weights(model, expected, frozen=[])
+
+
+class HalveAtEpochEnd(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.optimizer.learning_rate = learning_rate(self.model) / 2
+
+
+def test_the_rate_is_set_at_phase_changes_only():
+    """Another callback halving the rate after each epoch: the probe's
+    0.05 is replaced by 0.01 when fine-tuning starts, whose halving then
+    stands (0.005 at epoch 2, not 0.01 again)."""
+    model = backbone_and_head()
+    snapshots = EpochSnapshots()
+    probe = LinearProbe(
+        "head",
+        1,
+        learning_rate=PROBE_RATE,
+        finetune_learning_rate=FINETUNE_RATE,
+    )
+    model.fit(
+        *data(),
+        epochs=3,
+        callbacks=[probe, HalveAtEpochEnd(), snapshots],
+        **FIT,
+    )
+    assert snapshots.rates == pytest.approx([0.05, 0.01, 0.005])
 
 
 def test_l2_sp_keeps_the_pretrained_backbone_as_starting_point():
@@ -283,6 +339,23 @@ def test_resuming_from_files_is_bit_identical(tmp_path, variant):
             np.testing.assert_array_equal(w0[path], start[f"{path}"])
 
 
+def test_keep_frozen_stays_frozen_in_fine_tuning():
+    """conv1 was trainable before the probe; `keep_frozen` keeps it
+    frozen (bit-identical) while fc and bn1 fine-tune."""
+    model = backbone_and_head()
+    start = values(model)
+    probe = LinearProbe("head", 1, keep_frozen="conv1")
+    model.fit(*data(), epochs=2, callbacks=[probe], **FIT)
+    after = values(model)
+    for path, value in start.items():
+        if path.startswith("conv1/"):
+            np.testing.assert_array_equal(after[path], value)
+        else:
+            assert not np.array_equal(after[path], value), path
+    assert not model.get_layer("conv1").trainable
+    assert model.get_layer("fc").trainable
+
+
 def test_a_loaded_probe_without_keep_frozen_fine_tunes_every_layer(tmp_path):
     """A file saved during the probe records the probe's flags only: a
     layer frozen before the probe trains in fine-tuning unless
@@ -356,6 +429,13 @@ def test_a_layer_of_another_model_is_refused():
     probe = LinearProbe([other.get_layer("head")], 1)
     with pytest.raises(ValueError, match=r"not in model 'net.*new_layers="):
         model.fit(*data(), epochs=1, callbacks=[probe], **FIT)
+
+
+def test_bad_keep_frozen():
+    with pytest.raises(
+        ValueError, match=r"`keep_frozen` must be a list.*keep_frozen=5"
+    ):
+        LinearProbe("head", 1, keep_frozen=5)
 
 
 @pytest.mark.parametrize("epochs", [0, -1, 1.5, True, "2", None])
