@@ -42,15 +42,17 @@ def layers_in(model):
     return [model] + _keras_private.all_layers(model)
 
 
-def resolve_new_layers(model, new_layers):
+def resolve_new_layers(model, new_layers, argument="new_layers"):
+    """The layers of `model` that `new_layers` (layers or layer names)
+    names; errors call the argument `argument`."""
     if isinstance(new_layers, (keras.layers.Layer, str)):
         new_layers = [new_layers]
     try:
         new_layers = list(new_layers)
     except TypeError:
         raise ValueError(
-            "`new_layers` must be a list of layers (or layer names) of the "
-            f"model. Received: new_layers={new_layers!r}"
+            f"`{argument}` must be a list of layers (or layer names) of the "
+            f"model. Received: {argument}={new_layers!r}"
         ) from None
     layers = _keras_private.all_layers(model)
     by_name = {}
@@ -63,19 +65,19 @@ def resolve_new_layers(model, new_layers):
             if len(matches) != 1:
                 reason = "no" if not matches else f"{len(matches)}"
                 raise ValueError(
-                    f"`new_layers[{index}]`: model '{model.name}' has {reason} "
-                    f"layer named '{item}'. Received: new_layers={new_layers!r}"
+                    f"`{argument}[{index}]`: model '{model.name}' has {reason} "
+                    f"layer named '{item}'. Received: {argument}={new_layers!r}"
                 )
             item = matches[0]
         elif not isinstance(item, keras.layers.Layer):
             raise ValueError(
-                f"`new_layers[{index}]` must be a layer or a layer name. "
-                f"Received: new_layers[{index}]={item!r}"
+                f"`{argument}[{index}]` must be a layer or a layer name. "
+                f"Received: {argument}[{index}]={item!r}"
             )
         elif not any(item is layer for layer in layers):
             raise ValueError(
-                f"`new_layers[{index}]`: layer '{item.name}' is not in model "
-                f"'{model.name}'. Received: new_layers="
+                f"`{argument}[{index}]`: layer '{item.name}' is not in model "
+                f"'{model.name}'. Received: {argument}="
                 f"{[getattr(x, 'name', x) for x in new_layers]}"
             )
         resolved.append(item)

@@ -13,13 +13,12 @@ References:
 """
 
 import re
-import warnings
-import weakref
 
 import keras
 import numpy as np
 
 from keras_sp import _keras_private
+from keras_sp._trainable import apply_trainable_change
 
 __all__ = [
     "copy_units",
@@ -218,80 +217,6 @@ def _check_n(n, count, model_name):
     return int(n)
 
 
-def _rebuilt_optimizer(optimizer, variables):
-    """A new optimizer of the same config built for `variables`, with the
-    state it had (step count, momenta...) carried over by variable name.
-
-    Names that occur several times (a wrapper's and its inner optimizer's
-    `iteration`) are matched in order of occurrence when the old and the
-    new optimizer have as many of them.
-    """
-    rebuilt = optimizer.__class__.from_config(optimizer.get_config())
-    rebuilt.build(variables)
-    old, new = {}, {}
-    for state, source in ((old, optimizer), (new, rebuilt)):
-        for variable in source.variables:
-            state.setdefault(variable.name, []).append(variable)
-    for name, made in new.items():
-        previous = old.get(name, [])
-        if len(previous) != len(made):
-            continue
-        for variable, value in zip(made, previous, strict=True):
-            if tuple(value.shape) == tuple(variable.shape):
-                variable.assign(value.value)
-    return rebuilt
-
-
-# Models whose optimizer keras-sp had to replace, each warned about once.
-_REPLACED = weakref.WeakSet()
-
-
-def _warn_replaced(model, optimizer):
-    if model in _REPLACED:
-        return
-    _REPLACED.add(model)
-    warnings.warn(
-        f"keras-sp cannot rebuild an optimizer of type "
-        f"{type(optimizer).__name__} in place for the new set of trainable "
-        f"variables of model {model.name!r}: `model.optimizer` is now a "
-        "rebuilt copy with the same configuration and state (carried over "
-        "by variable name), and the object passed to `compile` no longer "
-        "trains the model. (Said once per model.)",
-        stacklevel=4,
-    )
-
-
-def _apply_trainable_change(model):
-    """Makes a change of `trainable` flags take effect at the next step.
-
-    For a compiled model whose optimizer is built: the optimizer is rebuilt
-    for exactly `model.trainable_variables`, in their order, as every
-    backend needs (JAX's stateless step takes one set of optimizer slots per
-    trainable variable). The user's optimizer object is rebuilt in place:
-    the step count and the slots (momenta, Adam's m and v...) of variables
-    that stay trainable are kept exactly, the slots of newly trainable
-    variables start at zero. Optimizers that wrap others
-    (`LossScaleOptimizer`, `MultiOptimizer`) are replaced by a rebuilt copy
-    instead, with a warning. The train function is rebuilt (it captured the
-    list of trainable variables when it was traced).
-    """
-    if not getattr(model, "compiled", False):
-        return
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and optimizer.built:
-        variables = model.trainable_variables
-        tracked = _keras_private.optimizer_variables(optimizer)
-        if list(map(id, tracked)) != list(map(id, variables)):
-            if _keras_private.rebuilds_in_place(optimizer):
-                _keras_private.rebuild_optimizer(optimizer, variables)
-            else:
-                model.optimizer = _rebuilt_optimizer(optimizer, variables)
-                _warn_replaced(model, optimizer)
-    if getattr(model, "train_function", None) is not None:
-        model.make_train_function(force=True)
-    _keras_private.acknowledge_trainable_state(model)
-
-
 def _make_trainable(model):
     model.trainable = True
     for layer in _keras_private.all_layers(model):
@@ -343,7 +268,7 @@ def freeze_first(model, n):
     for unit in units[:n]:
         for layer in unit:
             layer.trainable = False
-    _apply_trainable_change(model)
+    apply_trainable_change(model)
     return model
 
 
@@ -373,7 +298,7 @@ def unfreeze(model):
     for layer in _keras_private.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             _keras_private.restore_call(layer)
-    _apply_trainable_change(model)
+    apply_trainable_change(model)
     return model
 
 
@@ -424,7 +349,7 @@ def freeze_batchnorm(model, train_gamma_beta=False):
                 _keras_private.run_in_inference_mode(layer)
             else:
                 layer.trainable = False
-    _apply_trainable_change(model)
+    apply_trainable_change(model)
     return model
 
 
