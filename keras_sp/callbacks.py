@@ -15,10 +15,12 @@ from keras_sp import penalties
 from keras_sp import units
 from keras_sp._checks import check_coefficient
 from keras_sp._non_finite import StopOnNonFinite
+from keras_sp.linear_probe import LinearProbe
 
 __all__ = [
     "FisherInformation",
     "FreezeUnits",
+    "LinearProbe",
     "PenaltyMonitor",
     "StopOnNonFinite",
     "UnfreezeSchedule",
