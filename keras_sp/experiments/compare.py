@@ -91,6 +91,12 @@ class CompareConfig:
             "l2_sp": {"alpha": [1e-3, 1e-2, 1e-1]},
             "l1_sp": {"alpha": [1e-5, 1e-4, 1e-3]},
             "group_lasso_sp": {"alpha": [1e-4, 1e-3, 1e-2]},
+            "lp_ft": {"finetune_learning_rate": [1e-3, 1e-2]},
+            "lp_ft_l2_sp": {
+                "finetune_learning_rate": [1e-3, 1e-2],
+                "sp_alpha": [1e-2],
+            },
+            "wise_ft": {"alpha": [1e-2], "t": [0.5, 0.7, 0.9]},
             "delta": {"alpha": [1e-2, 1e-1]},
             "delta_l2_sp": {"alpha": [1e-2], "sp_alpha": [1e-2]},
             "bss": {"eta": [1e-3, 1e-2]},
@@ -176,10 +182,17 @@ def _evaluate(model, x, y):
     return {"accuracy": accuracy, "loss": loss}
 
 
-def _drift(model):
-    """||w - w0|| / ||w0|| over the penalized backbone kernels (0 when the
-    backbone was frozen: nothing moved)."""
-    return float(keras_sp.weight_drift(model)["relative"])
+def _drift(model, backbone):
+    """||w - w0|| / ||w0|| over the backbone's kernels (0 when the backbone
+    was frozen: nothing moved). WiSE-FT records w0 of every variable; only
+    the kernels count here, as for the other methods."""
+    kernels = {v.path for v in backbone.weights if v.path.endswith("kernel")}
+    reference = {
+        path: w0
+        for path, w0 in keras_sp.starting_point(model).items()
+        if path in kernels
+    }
+    return float(keras_sp.weight_drift(model, reference)["relative"])
 
 
 class _Runs:
@@ -197,10 +210,12 @@ class _Runs:
             started = time.time()
             function, _ = METHODS[method]
             x, y = self.data["x"], self.data["y"]
-            model, _ = function(self.task, params, seed, x[train], y[train])
+            model, backbone = function(
+                self.task, params, seed, x[train], y[train]
+            )
             record = {"key": key, "method": method, "seed": seed, **params}
             record.update(_evaluate(model, *evaluate_on))
-            record["drift"] = _drift(model)
+            record["drift"] = _drift(model, backbone)
             record["seconds"] = round(time.time() - started, 2)
             self.results.append(record)
         self.progress.add(1)

@@ -109,6 +109,62 @@ def _source_head(task):
     return head
 
 
+def lp_ft(kind):
+    """LP-FT (`keras_sp.callbacks.LinearProbe`): `iterations` steps of a
+    linear probe of the head at `task.learning_rate`, then `iterations`
+    steps of fine-tuning everything at `params["finetune_learning_rate"]`
+    (constant rates, SGD momentum 0.9), the penalty `kind` at
+    `params["sp_alpha"]` (0 without it) on the backbone and `task.beta` on
+    the head."""
+
+    def train(task, params, seed, x, y):
+        model, backbone, head = target_model(task, seed)
+        keras_sp.regularize(
+            model,
+            kind,
+            alpha=params.get("sp_alpha", 0.0),
+            beta=task.beta,
+            new_layers=[head],
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(task.learning_rate, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(
+            training.training_dataset(x, y, task.batch_size, seed),
+            steps_per_epoch=task.iterations,
+            epochs=2,
+            callbacks=[
+                keras_sp.callbacks.LinearProbe(
+                    [head],
+                    epochs=1,
+                    learning_rate=task.learning_rate,
+                    finetune_learning_rate=params["finetune_learning_rate"],
+                ),
+                keras_sp.callbacks.StopOnNonFinite(),
+            ],
+            verbose=0,
+        )
+        return model, backbone
+
+    return train
+
+
+def wise_ft(task, params, seed, x, y):
+    """WiSE-FT (`keras_sp.interpolate`): L2 fine-tuning at
+    `params["alpha"]`, then every weight of the backbone (BatchNormalization
+    statistics included) set to `(1 - t) w0 + t w_ft`, `t = params["t"]`;
+    the head keeps its fine-tuned values."""
+    model, backbone, head = target_model(task, seed)
+    keras_sp.record_starting_point(model, new_layers=[head])
+    keras_sp.regularize(
+        model, "l2", alpha=params["alpha"], beta=task.beta, new_layers=[head]
+    )
+    _fit(task, model, x, y, seed, task.iterations, task.learning_rate)
+    keras_sp.interpolate(model, params["t"])
+    return model, backbone
+
+
 # The outer feature maps DELTA matches (the last two blocks of the CNN).
 DELTA_LAYERS = ("relu2", "relu3")
 
@@ -174,6 +230,9 @@ METHODS = {
     "l2_sp": (penalized("l2_sp"), ("alpha",)),
     "l1_sp": (penalized("l1_sp"), ("alpha",)),
     "group_lasso_sp": (penalized("group_lasso_sp"), ("alpha",)),
+    "lp_ft": (lp_ft("l2"), ("finetune_learning_rate",)),
+    "lp_ft_l2_sp": (lp_ft("l2_sp"), ("finetune_learning_rate", "sp_alpha")),
+    "wise_ft": (wise_ft, ("alpha", "t")),
     "delta": (feature_regularized("delta"), ("alpha",)),
     "delta_l2_sp": (
         feature_regularized("delta", "l2_sp"),

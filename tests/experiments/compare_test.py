@@ -244,3 +244,33 @@ def test_a_feature_term_at_zero_weight_trains_as_plain_fine_tuning(
     # The pretrained source model (its classifier included) is untouched.
     for a, b in zip(source_before, source.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_wise_ft_interpolates_the_l2_run_of_the_same_seed(tiny_setting):
+    """WiSE-FT at t is L2 fine-tuning (same seed) moved back toward w0:
+    its kernels' drift is t times L2's, and t = 1 is the L2 run itself."""
+    _, data = tiny_setting
+    source, _ = fashion_source.pretrained_source_model()
+    task = comparison_methods.Task(
+        source=source,
+        num_classes=5,
+        iterations=3,
+        probe_iterations=3,
+        batch_size=8,
+        learning_rate=0.01,
+        beta=0.01,
+    )
+    (x, y), _ = data
+    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
+    x = x.astype("float32")
+    train = comparison_methods.METHODS["wise_ft"][0]
+    plain, backbone = comparison_methods.METHODS["l2"][0](
+        task, {"alpha": 0.01}, 2, x, y
+    )
+    full, _ = train(task, {"alpha": 0.01, "t": 1.0}, 2, x, y)
+    for a, b in zip(plain.get_weights(), full.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    half, half_backbone = train(task, {"alpha": 0.01, "t": 0.3}, 2, x, y)
+    assert compare._drift(half, half_backbone) == pytest.approx(
+        0.3 * compare._drift(plain, backbone), rel=1e-5
+    )
