@@ -155,6 +155,9 @@ class Proximal(keras.optimizers.Optimizer):
     def build(self, var_list):
         var_list = list(var_list)
         if not self.optimizer.built:
+            # Checked here, before `fit` runs a step: on JAX an error in the
+            # first step would leave the model's variables without values.
+            _proximal_targets(var_list)
             self.optimizer.build(var_list)
         elif list(
             map(id, _keras_private.optimizer_variables(self.optimizer))
@@ -163,34 +166,6 @@ class Proximal(keras.optimizers.Optimizer):
             # new trainable variables: the wrapped one follows, its slots kept.
             _keras_private.rebuild_optimizer(self.optimizer, var_list)
         super().build(var_list)
-
-    def _targets(self, variables):
-        """`(variable, regularizer)` for every variable with a proximal
-        penalty; raises before anything changes if there is none."""
-        targets = [
-            (variable, variable.regularizer)
-            for variable in variables
-            if _proximal_penalty(getattr(variable, "regularizer", None))
-        ]
-        if not targets:
-            names = [variable.path for variable in variables[:3]]
-            raise ValueError(
-                f"Proximal found no variable with a proximal penalty among "
-                f"the {len(variables)} variables it updates (e.g. {names}). "
-                "Attach one before training with keras_sp.regularize(model, "
-                "'l1_sp' or 'group_lasso_sp', alpha=..., new_layers=..., "
-                "proximal=True), or train with the wrapped optimizer alone."
-            )
-        for variable, regularizer in targets:
-            if regularizer._starting_point is None:
-                raise ValueError(
-                    f"The penalty on variable '{variable.path}' has no "
-                    "starting point (it was rebuilt from a config without "
-                    "its weights). Load the model with "
-                    "`keras.saving.load_model` or attach the penalty again "
-                    "with `keras_sp.regularize`."
-                )
-        return targets
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
@@ -204,7 +179,16 @@ class Proximal(keras.optimizers.Optimizer):
         else:
             trainable_variables = list(trainable_variables)
             variables = trainable_variables
-        targets = self._targets(variables)
+        targets = _proximal_targets(variables)
+        for variable, regularizer in targets:
+            if regularizer._starting_point is None:
+                raise ValueError(
+                    f"The penalty on variable '{variable.path}' has no "
+                    "starting point (it was rebuilt from a config without "
+                    "its weights). Load the model with "
+                    "`keras.saving.load_model` or attach the penalty again "
+                    "with `keras_sp.regularize`."
+                )
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)
@@ -244,6 +228,27 @@ class Proximal(keras.optimizers.Optimizer):
             config.pop("optimizer"), custom_objects=custom_objects
         )
         return cls(optimizer, **config)
+
+
+def _proximal_targets(variables):
+    """`(variable, regularizer)` for every variable with a proximal penalty;
+    raises, before anything changes, if there is none."""
+    targets = [
+        (variable, variable.regularizer)
+        for variable in variables
+        if _proximal_penalty(getattr(variable, "regularizer", None))
+    ]
+    if not targets:
+        names = [variable.path for variable in variables[:3]]
+        raise ValueError(
+            "Proximal found no variable with a proximal penalty among the "
+            f"{len(variables)} variables it updates (e.g. {names}). Attach "
+            "one before training with keras_sp.regularize(model, 'l1_sp' or "
+            "'group_lasso_sp', alpha=..., new_layers=..., proximal=True), or "
+            "train with the wrapped optimizer alone (to load a model saved "
+            "in this state, pass compile=False to keras.saving.load_model)."
+        )
+    return targets
 
 
 def _prox(variable, regularizer, learning_rate):
