@@ -515,3 +515,45 @@ def test_proximal_config_round_trip_keeps_the_wrapped_optimizer():
     inner = again.optimizer.get_config()
     assert (inner["momentum"], inner["nesterov"]) == (0.8, True)
     assert float(to_numpy(again.learning_rate)) == pytest.approx(0.03)
+
+
+def test_freeze_first_rebuilds_the_wrapped_optimizer_in_place():
+    """`keras_sp.freeze_first` mid-training: the same Proximal object goes
+    on, the momenta of layers still trained are kept, frozen ones stay."""
+    from keras_sp import units
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.normal(size=(16, 2)).astype("float32")
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, name="a"),
+            keras.layers.Dense(8, name="b"),
+            keras.layers.Dense(2, name="head"),
+        ]
+    )
+    penalties.regularize(
+        model, "l1_sp", alpha=0.5, new_layers=["head"], proximal=True
+    )
+    optimizer = Proximal(keras.optimizers.SGD(0.05, momentum=0.9))
+    model.compile(optimizer, loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+
+    def momentum(name):
+        (slot,) = [
+            v
+            for v in optimizer.optimizer.variables
+            if f"{name}_kernel" in v.path
+        ]
+        return to_numpy(slot)
+
+    before = momentum("b")
+    assert np.any(before != 0)
+    units.freeze_first(model, 1)
+    assert model.optimizer is optimizer
+    np.testing.assert_array_equal(momentum("b"), before)
+    frozen = to_numpy(model.get_layer("a").kernel)
+    model.fit(x, y, epochs=1, verbose=0)
+    np.testing.assert_array_equal(to_numpy(model.get_layer("a").kernel), frozen)
+    assert at_starting_point(model).weights > 0
