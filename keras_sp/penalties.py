@@ -180,8 +180,8 @@ def attached_settings(model):
 
     Returns:
         A dict with keys `kind`, `alpha`, `beta`, `penalize`,
-        `fisher_epsilon`, `fisher_clip`, or None when no keras-sp penalty is
-        attached.
+        `fisher_epsilon`, `fisher_clip`, `proximal`, or None when no keras-sp
+        penalty is attached.
     """
     attached = attached_penalties(model)
     if not attached:
@@ -204,6 +204,7 @@ def attached_settings(model):
         "penalize": None,
         "fisher_epsilon": None,
         "fisher_clip": None,
+        "proximal": None,
     }
 
 
@@ -344,6 +345,7 @@ def regularize(
     penalize="kernels",
     fisher_epsilon=0.0,
     fisher_clip=None,
+    proximal=False,
 ):
     """Attaches an -SP penalty (or the L2 baseline) to a built model.
 
@@ -409,6 +411,11 @@ def regularize(
             paper's raw F; the authors' code offered F + epsilon).
         fisher_clip: optional positive float; F is clipped at this maximum
             before `fisher_epsilon` is added (default: no clipping).
+        proximal: bool (default False), for `"l1_sp"` and
+            `"group_lasso_sp"` only: the penalty stays in the loss but
+            gives no gradient, and `keras_sp.proximal.Proximal` applies its
+            proximal operator after each step, which sets weights (L1-SP)
+            or whole output channels (GL-SP) exactly to w0.
 
     Returns:
         The model.
@@ -451,6 +458,17 @@ def regularize(
             "`model.build(input_shape)` or call it on data first. Received: "
             f"model={model.name!r}"
         )
+    if not isinstance(proximal, (bool, np.bool_)):
+        raise ValueError(
+            f"`proximal` must be True or False. Received: proximal={proximal!r}"
+        )
+    if proximal and kind not in ("l1_sp", "group_lasso_sp"):
+        raise ValueError(
+            "`proximal=True` is only for kind 'l1_sp' (eq. 5) or "
+            "'group_lasso_sp' (eq. 6), whose proximal operators have a closed "
+            f"form. Received: kind={kind!r}, proximal={proximal!r}"
+        )
+    proximal = bool(proximal)
     uses_fisher = kind in FISHER_KINDS
     if fisher is not None and not uses_fisher:
         raise ValueError(
@@ -552,13 +570,14 @@ def regularize(
         elif kind in ("l2_sp", "l2_sp_fisher"):
             regularizer = regularizers.L2SP(alpha, w0, fisher=f)
         elif kind == "l1_sp":
-            regularizer = regularizers.L1SP(alpha, w0)
+            regularizer = regularizers.L1SP(alpha, w0, proximal=proximal)
         else:
             regularizer = regularizers.GroupLassoSP(
                 alpha,
                 w0,
                 fisher=f,
                 group_axes=_selection.group_axes(layer, variable),
+                proximal=proximal,
             )
         _attach(layer, variable, regularizer)
     memory.settings = {
@@ -568,6 +587,7 @@ def regularize(
         "penalize": penalize,
         "fisher_epsilon": fisher_epsilon,
         "fisher_clip": fisher_clip,
+        "proximal": proximal,
     }
     if beta > 0:
         for layer, variable in new:

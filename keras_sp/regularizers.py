@@ -55,6 +55,14 @@ def _computation_dtype(dtype):
     return dtype
 
 
+def _check_proximal(proximal):
+    if not isinstance(proximal, (bool, np.bool_)):
+        raise ValueError(
+            f"`proximal` must be True or False. Received: proximal={proximal!r}"
+        )
+    return bool(proximal)
+
+
 def _constant_variable(value, name):
     if value.dtype == np.float64:
         # Not every backend holds float64 (JAX without x64): w0 and F are
@@ -352,10 +360,19 @@ class L1SP(_StartingPointPenalty):
 
     It encourages single weights to stay exactly at their pretrained value.
     Its gradient at w_j = w0_j is taken as 0 (the subgradient of |.| at 0).
+    Gradient steps on |.| oscillate around w0 and almost never land on it;
+    with `proximal=True` the penalty gives no gradient and
+    `keras_sp.proximal.Proximal` applies its proximal operator after each
+    step instead (soft-thresholding toward w0), which sets weights exactly
+    to w0. The value is still returned, so the loss logged is the whole
+    objective.
 
     Args:
         alpha: non-negative float, the regularization strength.
         starting_point: array, the pretrained value w0 (copied).
+        proximal: bool (default False). If True, the value carries no
+            gradient (`stop_gradient`): train with
+            `keras_sp.proximal.Proximal`, which applies the prox.
 
     Example:
 
@@ -368,12 +385,19 @@ class L1SP(_StartingPointPenalty):
         Li, Grandvalet, Davoine, ICML 2018, eq. 5.
     """
 
-    def __init__(self, alpha=0.01, starting_point=None, fisher_weighted=False):
+    def __init__(
+        self,
+        alpha=0.01,
+        starting_point=None,
+        fisher_weighted=False,
+        proximal=False,
+    ):
         if fisher_weighted:
             raise ValueError(
                 "L1SP has no Fisher-weighted form in the paper. "
                 f"Received: fisher_weighted={fisher_weighted!r}"
             )
+        self.proximal = _check_proximal(proximal)
         super().__init__(alpha, starting_point)
 
     def __call__(self, x):
@@ -382,7 +406,14 @@ class L1SP(_StartingPointPenalty):
         # sign(d), 0 at d = 0 on every backend (JAX's |.| has 1 there).
         absolute = ops.stop_gradient(ops.sign(difference)) * difference
         value = ops.cast(self.alpha, difference.dtype) * ops.sum(absolute)
+        if self.proximal:
+            value = ops.stop_gradient(value)
         return ops.cast(value, x.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config["proximal"] = self.proximal
+        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_sp")
@@ -409,6 +440,13 @@ class GroupLassoSP(_StartingPointPenalty):
     root): the gradient is finite (zero at w0), the value is exactly 0 at w0,
     and it differs from the exact norm by less than 1e-8 per group.
 
+    Gradient steps never set a whole group exactly to w0; with
+    `proximal=True` (eq. 6 only) the penalty gives no gradient and
+    `keras_sp.proximal.Proximal` applies its proximal operator (block
+    soft-thresholding of each group toward w0_g) after each step instead.
+    The value is still returned, so the loss logged is the whole objective.
+    The Fisher form (eq. 7) has no closed-form prox and refuses it.
+
     Args:
         alpha: non-negative float, the regularization strength.
         starting_point: array, the pretrained value w0 (copied).
@@ -417,6 +455,10 @@ class GroupLassoSP(_StartingPointPenalty):
             but the last.
         fisher_weighted: bool, whether F is used; defaults to
             `fisher is not None`.
+        proximal: bool (default False). If True, the value carries no
+            gradient (`stop_gradient`): train with
+            `keras_sp.proximal.Proximal`, which applies the prox. Not
+            allowed with Fisher weights.
 
     Example:
 
@@ -437,10 +479,22 @@ class GroupLassoSP(_StartingPointPenalty):
         fisher=None,
         group_axes=None,
         fisher_weighted=None,
+        proximal=False,
     ):
         if group_axes is not None:
             group_axes = [int(axis) for axis in group_axes]
         self.group_axes = group_axes
+        self.proximal = _check_proximal(proximal)
+        weighted = (
+            fisher is not None if fisher_weighted is None else fisher_weighted
+        )
+        if self.proximal and weighted:
+            raise ValueError(
+                "GroupLassoSP with Fisher weights (GL-SP-Fisher, eq. 7) has "
+                "no closed-form proximal operator: use proximal=False (the "
+                "penalty's gradient) or the unweighted group lasso (eq. 6). "
+                f"Received: proximal=True, fisher_weighted={bool(weighted)}"
+            )
         super().__init__(alpha, starting_point, fisher, fisher_weighted)
         if self._starting_point is not None:
             self._resolve_axes(len(self._starting_point.shape))
@@ -479,9 +533,12 @@ class GroupLassoSP(_StartingPointPenalty):
         )
         coefficient = self.alpha * math.sqrt(group_size)
         value = ops.cast(coefficient, dtype) * ops.sum(norms)
+        if self.proximal:
+            value = ops.stop_gradient(value)
         return ops.cast(value, x.dtype)
 
     def get_config(self):
         config = super().get_config()
         config["group_axes"] = self.group_axes
+        config["proximal"] = self.proximal
         return config
