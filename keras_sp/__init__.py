@@ -26,6 +26,8 @@ from keras_sp.interpolation import record_starting_point
 from keras_sp.penalties import regularize
 from keras_sp.penalties import starting_point
 from keras_sp.penalties import unregularize
+from keras_sp.proximal import Proximal
+from keras_sp.proximal import at_starting_point
 from keras_sp.surgery import deepen
 from keras_sp.surgery import widen
 from keras_sp.units import copy_units
@@ -38,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FeatureRegularized",
+    "Proximal",
+    "at_starting_point",
     "callbacks",
     "copy_units",
     "deepen",
