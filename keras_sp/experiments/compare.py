@@ -33,6 +33,7 @@ from keras_sp.experiments import comparison_stats
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
 from keras_sp.experiments.comparison_methods import METHODS
+from keras_sp.experiments.comparison_methods import SPARSE_METHODS
 from keras_sp.experiments.comparison_methods import Task
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import config_path
@@ -91,6 +92,8 @@ class CompareConfig:
             "l2_sp": {"alpha": [1e-3, 1e-2, 1e-1]},
             "l1_sp": {"alpha": [1e-5, 1e-4, 1e-3]},
             "group_lasso_sp": {"alpha": [1e-4, 1e-3, 1e-2]},
+            "l1_sp_proximal": {"alpha": [1e-5, 1e-4, 1e-3]},
+            "group_lasso_sp_proximal": {"alpha": [1e-4, 1e-3, 1e-2]},
             "lp_ft": {"finetune_learning_rate": [1e-3, 1e-2]},
             "lp_ft_l2_sp": {
                 "finetune_learning_rate": [1e-3, 1e-2],
@@ -216,6 +219,10 @@ class _Runs:
             record = {"key": key, "method": method, "seed": seed, **params}
             record.update(_evaluate(model, *evaluate_on))
             record["drift"] = _drift(model, backbone)
+            if method in SPARSE_METHODS:
+                at_w0 = keras_sp.at_starting_point(model)
+                record["at_w0_weights"] = at_w0.weights
+                record["at_w0_channels"] = at_w0.groups
             record["seconds"] = round(time.time() - started, 2)
             self.results.append(record)
         self.progress.add(1)
@@ -287,9 +294,16 @@ def _summary(method, params, cv_scores, runs, reference):
     difference = comparison_stats.paired_difference(
         accuracy, [r["accuracy"] for r in reference]
     )
+    at_w0 = None
+    if "at_w0_weights" in runs[0]:
+        at_w0 = [
+            float(np.mean([r[name] for r in runs]))
+            for name in ("at_w0_weights", "at_w0_channels")
+        ]
     return {
         "method": method,
         "params": params,
+        "at_w0": at_w0,
         "cv_accuracy": cv_scores,
         "accuracy_mean": float(accuracy.mean()),
         "accuracy_std": float(accuracy.std(ddof=1)) if len(runs) > 1 else 0.0,
@@ -312,8 +326,8 @@ def format_table(rows, per_class, test_images, seeds):
         f"{100 * np.sqrt(p * (1 - p) / test_images):.2f} points).",
         "",
         "| method | chosen by CV | accuracy % | vs L2 (95 % CI) | "
-        "detectable | drift |",
-        "|---|---|---|---|---|---|",
+        "detectable | drift | at w0: weights / channels |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         d = row["difference_to_l2"]
@@ -326,11 +340,15 @@ def format_table(rows, per_class, test_images, seeds):
         detectable = (
             "—" if row["method"] == "l2" else f"{100 * row['detectable']:.2f}"
         )
+        at_w0 = "—"
+        if row.get("at_w0") is not None:
+            weights, channels = row["at_w0"]
+            at_w0 = f"{100 * weights:.1f} % / {100 * channels:.1f} %"
         lines.append(
             f"| {row['method']} | {_label(row['params']) or '—'} | "
             f"{100 * row['accuracy_mean']:.2f} ± "
             f"{100 * row['accuracy_std']:.2f} | {versus} | {detectable} | "
-            f"{row['drift_mean']:.4f} |"
+            f"{row['drift_mean']:.4f} | {at_w0} |"
         )
     lines += [
         "",
@@ -338,7 +356,9 @@ def format_table(rows, per_class, test_images, seeds):
         "points, with its Student-t 95 % interval. Detectable: the "
         "difference a paired t-test at 5 % finds with 80 % power, given the "
         "observed spread of the differences. Drift: ||w - w0|| / ||w0|| of "
-        "the backbone's kernels.",
+        "the backbone's kernels. At w0: the fraction of the penalized "
+        "weights, and of their output channels, exactly at the starting "
+        "point (L1-SP and GL-SP kinds).",
     ]
     return "\n".join(lines)
 

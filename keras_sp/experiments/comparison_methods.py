@@ -59,12 +59,13 @@ def target_model(task, seed):
     return model, backbone, head
 
 
-def _fit(task, model, x, y, seed, iterations, learning_rate):
+def _fit(task, model, x, y, seed, iterations, learning_rate, proximal=False):
     training.fine_tune(
         model,
         training.training_dataset(x, y, task.batch_size, seed),
         iterations=iterations,
         learning_rate=learning_rate,
+        proximal=proximal,
     )
 
 
@@ -80,9 +81,11 @@ def probe(task, params, seed, x, y):
     return model, backbone
 
 
-def penalized(kind):
+def penalized(kind, proximal=False):
     """Fine-tuning of the whole network with the penalty `kind` (eqs. 1-7)
-    at `params["alpha"]`, `task.beta` on the head."""
+    at `params["alpha"]`, `task.beta` on the head; with `proximal`, the
+    penalty is applied by proximal steps (`keras_sp.Proximal`) instead of
+    its subgradient."""
 
     def train(task, params, seed, x, y):
         model, backbone, head = target_model(task, seed)
@@ -92,11 +95,20 @@ def penalized(kind):
             alpha=params["alpha"],
             beta=task.beta,
             new_layers=[head],
+            **({"proximal": True} if proximal else {}),
         )
-        _fit(task, model, x, y, seed, task.iterations, task.learning_rate)
+        _fit(
+            task,
+            model,
+            x,
+            y,
+            seed,
+            task.iterations,
+            task.learning_rate,
+            proximal=proximal,
+        )
         return model, backbone
 
-    train.__doc__ = penalized.__doc__.replace("`kind`", repr(kind))
     return train
 
 
@@ -223,6 +235,14 @@ def feature_regularized(name, kind="l2"):
     return train
 
 
+# The methods whose penalty can put weights exactly at w0.
+SPARSE_METHODS = (
+    "l1_sp",
+    "group_lasso_sp",
+    "l1_sp_proximal",
+    "group_lasso_sp_proximal",
+)
+
 # name -> (train function, the hyper-parameters of its grid)
 METHODS = {
     "probe": (probe, ("beta",)),
@@ -230,6 +250,11 @@ METHODS = {
     "l2_sp": (penalized("l2_sp"), ("alpha",)),
     "l1_sp": (penalized("l1_sp"), ("alpha",)),
     "group_lasso_sp": (penalized("group_lasso_sp"), ("alpha",)),
+    "l1_sp_proximal": (penalized("l1_sp", proximal=True), ("alpha",)),
+    "group_lasso_sp_proximal": (
+        penalized("group_lasso_sp", proximal=True),
+        ("alpha",),
+    ),
     "lp_ft": (lp_ft("l2"), ("finetune_learning_rate",)),
     "lp_ft_l2_sp": (lp_ft("l2_sp"), ("finetune_learning_rate", "sp_alpha")),
     "wise_ft": (wise_ft, ("alpha", "t")),

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import keras_sp
 from keras_sp.callbacks import StopOnNonFinite
 from keras_sp.experiments.measures import cross_entropy
 from keras_sp.experiments.measures import predict
@@ -81,6 +82,7 @@ def fine_tune(
     callbacks=(),
     verbose=0,
     run_eagerly=False,
+    proximal=False,
 ):
     """Fine-tunes `model` with SGD and momentum, dropping the rate once.
 
@@ -107,6 +109,8 @@ def fine_tune(
         verbose: Keras verbosity.
         run_eagerly: run the train steps eagerly instead of tracing a graph
             (much faster for a few steps of a large model, e.g. dry runs).
+        proximal: wrap the SGD in `keras_sp.Proximal`, for penalties
+            attached with `regularize(..., proximal=True)`.
 
     Returns:
         The `History` of the single `fit` epoch of `iterations` steps.
@@ -116,8 +120,11 @@ def fine_tune(
     schedule = StepDecayWithWarmup(
         learning_rate, drop_at=lr_drop_at, warmup=warmup_iterations
     )
+    optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
+    if proximal:
+        optimizer = keras_sp.Proximal(optimizer)
     model.compile(
-        optimizer=keras.optimizers.SGD(schedule, momentum=momentum),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         run_eagerly=run_eagerly,
     )

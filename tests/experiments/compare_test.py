@@ -9,6 +9,7 @@ import pytest
 from demo_test import tiny_fashion
 from scipy import stats
 
+import keras_sp
 from keras_sp.experiments import compare
 from keras_sp.experiments import comparison_methods
 from keras_sp.experiments import comparison_stats
@@ -274,3 +275,32 @@ def test_wise_ft_interpolates_the_l2_run_of_the_same_seed(tiny_setting):
     assert compare._drift(half, half_backbone) == pytest.approx(
         0.3 * compare._drift(plain, backbone), rel=1e-5
     )
+
+
+def test_the_proximal_methods_put_weights_exactly_at_w0(tiny_setting):
+    """Through the runner's wiring (regularize(proximal=True) and the
+    Proximal optimizer): at a strong alpha, weights sit exactly at w0 after
+    proximal fine-tuning and none do after the subgradient version."""
+    _, data = tiny_setting
+    source, _ = fashion_source.pretrained_source_model()
+    task = comparison_methods.Task(
+        source=source,
+        num_classes=5,
+        iterations=5,
+        probe_iterations=3,
+        batch_size=8,
+        learning_rate=0.01,
+        beta=0.01,
+    )
+    (x, y), _ = data
+    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
+    x = x.astype("float32")
+    found = {}
+    for method in ("l1_sp", "l1_sp_proximal"):
+        model, _ = comparison_methods.METHODS[method][0](
+            task, {"alpha": 1.0}, 0, x, y
+        )
+        found[method] = keras_sp.at_starting_point(model).weights
+        assert keras_sp.weight_drift(model)["distance"] > 0
+    assert found["l1_sp"] == 0.0
+    assert found["l1_sp_proximal"] > 0.5
