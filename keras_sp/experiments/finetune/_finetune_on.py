@@ -81,7 +81,11 @@ def finetune_on(
     source = config_path(config) if isinstance(config, str) else config
     values = dict(settings, target=target, backbone=backbone, kinds=list(kinds))
     # The defaults that name kinds follow `kinds` unless given.
-    defaults = load_config(source, FinetuneConfig)
+    defaults = (
+        FinetuneConfig()
+        if source is None
+        else load_config(source, FinetuneConfig, target=target)
+    )
     kinds = values["kinds"]
     values.setdefault(
         "alpha_grid",

@@ -284,13 +284,13 @@ def _npz_labels(y, count, name, value):
         bad = int(np.flatnonzero(~whole)[0])
         raise ConfigError(
             f"{where} must hold integer labels. Received: {name}[{bad}]="
-            f"{y[bad]!r}"
+            f"{y[bad].item()!r}"
         )
     if np.any(y < 0):
         bad = int(np.flatnonzero(y < 0)[0])
         raise ConfigError(
             f"{where} must hold labels 0 .. C-1. Received: {name}[{bad}]="
-            f"{y[bad]!r}"
+            f"{y[bad].item()!r}"
         )
     return y.astype("int64")
 
@@ -335,7 +335,7 @@ def _npz(target, per_class, seed, on_corrupt):
         raise ConfigError(
             f"Config key 'target.npz': array 'y_test' of {value!r} holds a "
             f"label out of range: the classes of y_train are 0 .. "
-            f"{num_classes - 1}. Received: y_test[{bad}]={y_test[bad]!r}"
+            f"{num_classes - 1}. Received: y_test[{bad}]={int(y_test[bad])}"
         )
     names = tuple(str(label) for label in range(num_classes))
     draw = _draw(y_train, names, per_class, seed, repr(value))
