@@ -15,8 +15,10 @@ from keras_sp.experiments import fashion_source
 from keras_sp.experiments import finetune
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
+from keras_sp.experiments.finetune import _config
 from keras_sp.experiments.finetune import _own_data
 from keras_sp.experiments.finetune import _runs
+from keras_sp.experiments.finetune import _targets
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -386,3 +388,19 @@ def test_missing_tfds_data_set_is_named(tmp_path):
     with pytest.raises(ConfigError, match="target.tfds") as error:
         _own_data.load_own_data(target, 2, seed=0)
     assert "nothing is downloaded" in str(error.value)
+
+
+def test_a_gray_backbone_is_refused_for_own_data(tmp_path):
+    root = write_folder(tmp_path / "rgb", {"a": 4, "b": 4})
+    config = load_config(
+        settings("unread.keras", target={"folder": root}),
+        finetune.FinetuneConfig,
+    )
+    target = _config.settings_of(_targets.TargetSettings, config)
+    images = _config.settings_of(_targets.ImageSettings, config)
+    with pytest.raises(ConfigError, match="'backbone'.* 1 channel"):
+        _own_data.load_target(target, images, 1, 2)
+    # With 3 channels, the ImageTarget of the folder's 2 drawn per class.
+    loaded = _own_data.load_target(target, images, 3, 2)
+    assert loaded.num_classes == 2
+    assert np.bincount(loaded.labels).tolist() == [2, 2]

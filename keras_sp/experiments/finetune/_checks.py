@@ -212,11 +212,8 @@ def _check_data_sets(config):
     own = is_own_target(config.target)
     official = not own and config.target in _OFFICIAL_SPLITS
     for index, count in enumerate(per_class):
-        if (
-            count is not None
-            and count < 2
-            or (not own and official != (count is None))
-        ):
+        too_few = count is not None and count < 2
+        if too_few or (not own and official != (count is None)):
             expected = (
                 "null (the official split)" if official else "an integer >= 2"
             )
