@@ -16,6 +16,7 @@ from keras_sp.experiments import finetune
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.finetune import _config
+from keras_sp.experiments.finetune import _finetune_on
 from keras_sp.experiments.finetune import _own_data
 from keras_sp.experiments.finetune import _runs
 from keras_sp.experiments.finetune import _targets
@@ -404,3 +405,32 @@ def test_a_gray_backbone_is_refused_for_own_data(tmp_path):
     loaded = _own_data.load_target(target, images, 3, 2)
     assert loaded.num_classes == 2
     assert np.bincount(loaded.labels).tolist() == [2, 2]
+
+
+def test_finetune_on_config_follows_its_kinds(tmp_path):
+    root = write_folder(tmp_path / "flowers", {"a": 4, "b": 4})
+    with open(finetune.config_path("fashion_mobilenet")) as handle:
+        shipped = json.load(handle)
+    config = _finetune_on.own_config(
+        root, "MobileNet", ["l2_sp"], "fashion_mobilenet", per_class=[3]
+    )
+    assert config.target == {"folder": root}
+    assert (config.backbone, config.weights) == (
+        "MobileNet",
+        shipped["weights"],
+    )
+    assert config.kinds == ["l2_sp"] and config.per_class == [3]
+    assert config.alpha_grid == {"l2_sp": shipped["alpha_grid"]["l2_sp"]}
+    assert set(config.beta_grid) <= {"l2_sp"}
+    assert config.learning_rate_kind == "l2_sp"
+    # The shipped config validates on its first data set, 30: gone with it.
+    assert shipped["select_on"] == 30 and config.select_on is None
+    assert config.freeze_kinds == [
+        k for k in shipped["freeze_kinds"] if k == "l2_sp"
+    ]
+    # An .npz path, and a paper target's name, are recognized.
+    npz = make_npz(tmp_path / "d.npz", np.random.default_rng(0))
+    config = _finetune_on.own_config(npz, "unread.keras", ["l2"], None)
+    assert config.target == {"npz": npz} and config.alpha_grid == {"l2": [1e-4]}
+    with pytest.raises(ConfigError, match=r"target\.folder"):
+        _finetune_on.own_config(str(tmp_path / "none"), "ResNet50", ["l2"])

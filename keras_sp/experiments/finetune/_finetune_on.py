@@ -1,5 +1,6 @@
 """`finetune_on`: the fine-tuning experiment on your own data, from Python."""
 
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,7 @@ from keras_sp.experiments.finetune._tables import chosen_runs
 
 __all__ = [
     "finetune_on",
+    "own_config",
 ]
 
 
@@ -69,35 +71,7 @@ def finetune_on(
     )
     ```
     """
-    if not isinstance(target, (str, dict, os.PathLike)):
-        raise TypeError(
-            "`target` must be a folder or .npz path, or a config target "
-            f"object. Received: target={target!r}"
-        )
-    if isinstance(target, os.PathLike):
-        target = os.fspath(target)
-    if isinstance(target, str) and target not in TARGETS:
-        target = {"npz" if target.endswith(".npz") else "folder": target}
-    source = config_path(config) if isinstance(config, str) else config
-    values = dict(settings, target=target, backbone=backbone, kinds=list(kinds))
-    # The defaults that name kinds follow `kinds` unless given.
-    defaults = (
-        FinetuneConfig()
-        if source is None
-        else load_config(source, FinetuneConfig, target=target)
-    )
-    kinds = values["kinds"]
-    values.setdefault(
-        "alpha_grid",
-        {kind: defaults.alpha_grid.get(kind, [0.1]) for kind in kinds},
-    )
-    for key in ("freeze_kinds", "r2_kinds"):
-        values.setdefault(
-            key, [kind for kind in getattr(defaults, key) if kind in kinds]
-        )
-    if defaults.learning_rate_kind not in kinds and kinds:
-        values.setdefault("learning_rate_kind", kinds[0])
-    finetune_config = load_config(source, FinetuneConfig, **values)
+    finetune_config = own_config(target, backbone, kinds, config, **settings)
     run_finetune(finetune_config, out, verbose=verbose)
     with open(os.path.join(out, "results.json")) as handle:
         runs = json.load(handle)["runs"]
@@ -122,3 +96,58 @@ def finetune_on(
                 }
             )
     return rows
+
+
+def own_config(target, backbone, kinds, config=None, **settings):
+    """The `FinetuneConfig` that `finetune_on` runs (same arguments).
+
+    The config's keys that name kinds (`alpha_grid`, `beta_grid`,
+    `freeze_kinds`, `r2_kinds`, `learning_rate_kind`) follow `kinds`, and
+    those that name data sets (`select_on`, `freeze_per_class`) follow
+    `per_class`, unless given.
+    """
+    if not isinstance(target, (str, dict, os.PathLike)):
+        raise TypeError(
+            "`target` must be a folder or .npz path, or a config target "
+            f"object. Received: target={target!r}"
+        )
+    if isinstance(target, os.PathLike):
+        target = os.fspath(target)
+    if isinstance(target, str) and target not in TARGETS:
+        target = {"npz" if target.endswith(".npz") else "folder": target}
+    source = config_path(config) if isinstance(config, str) else config
+    values = dict(settings, target=target, backbone=backbone, kinds=list(kinds))
+    # The defaults that name kinds follow `kinds` unless given.
+    defaults = (
+        FinetuneConfig()
+        if source is None
+        else load_config(source, FinetuneConfig, target=target)
+    )
+    kinds = values["kinds"]
+    values.setdefault(
+        "alpha_grid",
+        {kind: defaults.alpha_grid.get(kind, [0.1]) for kind in kinds},
+    )
+    values.setdefault(
+        "beta_grid",
+        {k: grid for k, grid in defaults.beta_grid.items() if k in kinds},
+    )
+    for key in ("freeze_kinds", "r2_kinds"):
+        values.setdefault(
+            key, [kind for kind in getattr(defaults, key) if kind in kinds]
+        )
+    if defaults.learning_rate_kind not in kinds and kinds:
+        values.setdefault("learning_rate_kind", kinds[0])
+    per_class = values.get("per_class", defaults.per_class)
+    if defaults.select_on not in per_class:
+        values.setdefault("select_on", None)
+    if defaults.freeze_per_class is not None:
+        values.setdefault(
+            "freeze_per_class",
+            [n for n in defaults.freeze_per_class if n in per_class] or None,
+        )
+    # Values replace the config's, None included (unlike load_config's
+    # overrides).
+    return load_config(
+        {**dataclasses.asdict(defaults), **values}, FinetuneConfig
+    )
