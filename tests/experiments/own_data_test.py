@@ -243,6 +243,13 @@ def test_finetune_on_a_tfds_data_set(tmp_path, backbone):
         "data_dir": data_dir,
         "image_key": "picture",
     }
+    # The draw (labels read without decoding) keeps images with their
+    # labels: pixels are 70 * label + [0, 40).
+    data = _own_data.load_own_data(target, 3, seed=0)
+    pairs = [(x, int(y)) for x, y in data.train.as_numpy_iterator()]
+    assert np.bincount([y for _, y in pairs]).tolist() == [3, 3, 3]
+    assert all(x.shape == (12, 12, 3) for x, _ in pairs)
+    assert all(int(x.min()) // 70 == y for x, y in pairs)
     out = str(tmp_path / "out")
     values = settings(backbone)
     values.pop("kinds")

@@ -396,8 +396,19 @@ def _tfds(target, per_class, seed, on_corrupt):
             image = tf.image.grayscale_to_rgb(image)
         return image, tf.cast(example[label_key], tf.int32)
 
+    # The labels of the draw, read without decoding the images.
+    undecoded = tfds.load(
+        name,
+        split=splits[0],
+        data_dir=None if data_dir is None else os.path.expanduser(data_dir),
+        download=False,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+    )
     labels = np.array(
-        [int(y) for y in train.map(lambda e: e[label_key]).as_numpy_iterator()],
+        [
+            int(y)
+            for y in undecoded.map(lambda e: e[label_key]).as_numpy_iterator()
+        ],
         dtype="int64",
     )
     draw = _draw(labels, tuple(names), per_class, seed, repr(name))
