@@ -44,17 +44,20 @@ A config names:
   small CNN pretrained on Fashion-MNIST classes 0-4 (a cached `.keras` file);
 - the target: `"caltech256"` (`per_class` 30 or 60), `"mit_indoor67"`,
   `"stanford_dogs"` or `"fashion_mnist"` (`per_class` few-shot images of
-  `target_classes`);
+  `target_classes`); or your own data: `{"folder": PATH}` (class folders),
+  `{"npz": PATH}` or `{"tfds": NAME}` (see `_own_spec`, and `finetune_on`
+  for the same from Python);
 - the source data (`source`), for Table 3 and for the Fisher information
   when `fisher_data="source"`: `"imagenet"`, `"places365"` or
   `"fashion_mnist"` (`source_classes`).
 
 The package's stages, each given only the config keys it reads (small
 settings dataclasses): `_config` and `_checks` (the schema), `_backbones`
-(the starting point), `_targets` (the data pipelines), `_fisher`, `_runs`
+(the starting point), `_targets` (the data pipelines), `_own_spec` and
+`_own_data` (your own target data), `_fisher`, `_runs`
 (one run), `_selection` (the validation grids' choice), `_experiment`
-(the protocol), `_tables`, `_figures` and `_report` (the report), and
-`_command_line`.
+(the protocol), `_tables`, `_figures` and `_report` (the report),
+`_command_line` and `_finetune_on`.
 
 Reference:
     Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer Learning
@@ -66,6 +69,7 @@ from keras_sp.experiments.finetune._command_line import add_parser  # noqa: F401
 from keras_sp.experiments.finetune._config import FinetuneConfig
 from keras_sp.experiments.finetune._config import config_path
 from keras_sp.experiments.finetune._experiment import run_finetune
+from keras_sp.experiments.finetune._finetune_on import finetune_on
 from keras_sp.experiments.finetune._report import write_report
 from keras_sp.experiments.finetune._selection import chosen_learning_rate
 from keras_sp.experiments.finetune._selection import chosen_point
@@ -75,6 +79,7 @@ __all__ = [
     "chosen_learning_rate",
     "chosen_point",
     "config_path",
+    "finetune_on",
     "run_finetune",
     "write_report",
 ]

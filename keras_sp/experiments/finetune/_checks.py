@@ -10,6 +10,8 @@ import math
 import keras
 
 from keras_sp.experiments.config import ConfigError
+from keras_sp.experiments.finetune._own_spec import check_target
+from keras_sp.experiments.finetune._own_spec import is_own_target
 from keras_sp.penalties import FISHER_KINDS
 from keras_sp.penalties import KINDS
 
@@ -61,7 +63,10 @@ def _check_choices(config):
                 f"Received: {name}={value!r}"
             )
 
-    choice("target", TARGETS)
+    if is_own_target(config.target):
+        check_target(config.target)
+    else:
+        choice("target", TARGETS)
     choice("source", SOURCES, optional=True)
     choice("preprocessing", PREPROCESSING)
     choice("color_order", ("rgb", "bgr"))
@@ -204,12 +209,16 @@ def _check_data_sets(config):
     per_class = config.per_class
     if not per_class:
         raise ConfigError("Config key 'per_class' must not be empty.")
-    official = config.target in _OFFICIAL_SPLITS
+    own = is_own_target(config.target)
+    official = not own and config.target in _OFFICIAL_SPLITS
     for index, count in enumerate(per_class):
-        if official != (count is None) or (count is not None and count < 2):
+        too_few = count is not None and count < 2
+        if too_few or (not own and official != (count is None)):
             expected = (
                 "null (the official split)" if official else "an integer >= 2"
             )
+            if own:
+                expected += " or null (all the training images)"
             raise ConfigError(
                 f"Config key 'per_class[{index}]' must be {expected} for "
                 f"target={config.target!r}. Received: per_class[{index}]="

@@ -33,6 +33,25 @@ def add_parser(subparsers):
         'configs (the shipped configs whose "command" is "finetune"): '
         + ", ".join(experiment_config.shipped_configs(FinetuneConfig.COMMAND)),
     )
+    own = parser.add_mutually_exclusive_group()
+    own.add_argument(
+        "--target-folder",
+        metavar="PATH",
+        help="your own target: a folder of class folders (replaces the "
+        'config\'s "target" by {"folder": PATH}; see docs/guides/own-data.md)',
+    )
+    own.add_argument(
+        "--target-npz",
+        metavar="PATH",
+        help="your own target: an .npz file of x_train, y_train, x_test, "
+        'y_test (replaces the config\'s "target" by {"npz": PATH})',
+    )
+    own.add_argument(
+        "--target-tfds",
+        metavar="NAME",
+        help="your own target: a tfds data set prepared in tfds's data "
+        'folder, splits train and test (replaces "target" by {"tfds": NAME})',
+    )
     parser.add_argument(
         "--out", default="results/finetune", help="output folder (resumable)"
     )
@@ -46,8 +65,23 @@ def add_parser(subparsers):
     return parser
 
 
+def _own_target(args):
+    """The `target` the command line gives, or None (the config's)."""
+    for flag, key in (
+        ("target_folder", "folder"),
+        ("target_npz", "npz"),
+        ("target_tfds", "tfds"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            return {key: value}
+    return None
+
+
 def _run(args):
-    config = load_config(config_path(args.config), FinetuneConfig)
+    config = load_config(
+        config_path(args.config), FinetuneConfig, target=_own_target(args)
+    )
     if args.report_only:
         path = os.path.join(args.out, "results.json")
         if not os.path.exists(path):

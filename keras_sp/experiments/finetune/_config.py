@@ -7,9 +7,11 @@ reads, and `settings_of` fills one from a config.
 """
 
 import dataclasses
+import typing
 
 from keras_sp.experiments import config as experiment_config
 from keras_sp.experiments.finetune import _checks
+from keras_sp.experiments.finetune._own_spec import target_name
 
 __all__ = [
     "FinetuneConfig",
@@ -50,12 +52,20 @@ class FinetuneConfig:
             takes random crops and mirrors, testing the central crop; equal
             to `input_size`, only mirroring remains.
         target: `"caltech256"`, `"mit_indoor67"`, `"stanford_dogs"` or
-            `"fashion_mnist"`.
+            `"fashion_mnist"`; or the user's own data, an object:
+            `{"folder": PATH}` (class folders, optionally under `train`
+            and `test`; option `"test_fraction"`), `{"npz": PATH}`
+            (arrays `x_train`, `y_train`, `x_test`, `y_test`) or
+            `{"tfds": NAME}` (options `"train_split"`, `"test_split"`,
+            `"data_dir"`, `"image_key"`, `"label_key"`), each with an
+            optional `"name"` (see `_own_spec`).
         target_dir: the Caltech-256 or MIT Indoors folder; the tfds data
             folder for Stanford Dogs.
         per_class: training images per class, one data set (one column of
             Table 2) each: 30 and 60 for Caltech-256; `null` for the
-            official splits of Stanford Dogs and MIT Indoors.
+            official splits of Stanford Dogs and MIT Indoors; for an own
+            target, an integer >= 2 (drawn with `seed`) or `null` (all
+            its training images).
         target_classes: Fashion-MNIST classes of the target task.
         test_per_class: Fashion-MNIST test images per class (`null`: all).
         validation_fraction: part of each class's training images held out
@@ -143,7 +153,7 @@ class FinetuneConfig:
     source_head_layer: str = "source_head"
     input_size: int = 224
     image_size: int | None = None
-    target: str = "caltech256"
+    target: str | dict[str, typing.Any] = "caltech256"
     target_dir: str | None = None
     per_class: list[int | None] = dataclasses.field(
         default_factory=lambda: [30]
@@ -225,8 +235,13 @@ def settings_of(settings_class, config):
 
 
 def dataset_slug(target, per_class):
-    """The name of a data set in the run records (`"caltech256_30"`)."""
-    return target if per_class is None else f"{target}_{per_class}"
+    """The name of a data set in the run records (`"caltech256_30"`).
+
+    `target` is a config's `target`: a paper target's name or an own
+    target's object (named by `_own_spec.target_name`).
+    """
+    name = target_name(target)
+    return name if per_class is None else f"{name}_{per_class}"
 
 
 # Keys that say how many runs to make or how to report them, not how a run

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from keras_sp.experiments import measures
+from keras_sp.experiments.finetune import _own_data
 from keras_sp.experiments.finetune import _targets
 from keras_sp.experiments.finetune._backbones import BackboneSettings
 from keras_sp.experiments.finetune._backbones import load_pretrained
@@ -49,7 +50,7 @@ __all__ = [
 class ProtocolSettings:
     """The config keys of the protocol: data sets, runs, sweeps."""
 
-    target: str
+    target: object
     per_class: list[int | None]
     validation_fraction: float
     seed: int
@@ -219,7 +220,7 @@ def _experiment(config, out, verbose, run_eagerly):
         settings_of(SelectionSettings, config),
         runner,
         functools.partial(
-            _targets.load_target,
+            _own_data.load_target,
             settings_of(TargetSettings, config),
             images,
             channels,

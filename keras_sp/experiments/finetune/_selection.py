@@ -38,7 +38,7 @@ class Point(NamedTuple):
 class SelectionSettings:
     """The config keys of the validation grids and of the choice."""
 
-    target: str
+    target: object  # a name, or an own target's object
     select_on: int | None
     learning_rate_kind: str
     learning_rate_grid: list[float]

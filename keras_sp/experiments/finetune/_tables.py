@@ -11,6 +11,8 @@ import numpy as np
 
 from keras_sp.experiments import measures
 from keras_sp.experiments.finetune._config import dataset_slug
+from keras_sp.experiments.finetune._own_spec import is_own_target
+from keras_sp.experiments.finetune._own_spec import target_name
 from keras_sp.experiments.finetune._runs import unpack
 
 __all__ = [
@@ -44,7 +46,7 @@ class ReportSettings:
     """The config keys the tables and figures read."""
 
     title: str
-    target: str
+    target: object
     per_class: list[int | None]
     kinds: list[str]
     significance: float
@@ -58,7 +60,9 @@ def dataset_title(settings, slug):
     """The title of a data set in the tables (`"Caltech 256 - 30"`)."""
     for per_class in settings.per_class:
         if dataset_slug(settings.target, per_class) == slug:
-            name = _NAMES[settings.target]
+            target = settings.target
+            own = is_own_target(target)
+            name = target_name(target) if own else _NAMES[target]
             return name if per_class is None else f"{name} - {per_class}"
     return slug
 

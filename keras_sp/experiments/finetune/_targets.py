@@ -60,7 +60,7 @@ class ImageSettings:
 class TargetSettings:
     """The config keys that say which target task to load."""
 
-    target: str
+    target: object  # a name, or an own target's object
     target_dir: str | None
     target_classes: list[int] | None
     test_per_class: int | None
