@@ -1,9 +1,11 @@
 """Which method, by how much: a comparison on matched seeds.
 
-Source task: Fashion-MNIST classes 0-4 (the small CNN of the demo, cached).
-Target task: classes 5-9 with `per_class` training images per class, tested
-on every test image of those classes (5,000). For each number of images per
-class and each method:
+Two settings (`keras_sp.experiments.comparison_settings`): `fashion`, the
+small CNN pretrained here on Fashion-MNIST classes 0-4 (cached) -> classes
+5-9, tested on their 5,000 test images (source and target near); and
+`mobilenet`, the ImageNet MobileNet V1 -> the 10 Fashion-MNIST classes
+(far). The target has `per_class` training images per class. For each
+number of images per class and each method:
 
 1. its hyper-parameters are chosen by k-fold cross-validation over the
    training images only (stratified folds, on the first `cv_seeds` seeds;
@@ -30,16 +32,16 @@ import numpy as np
 
 import keras_sp
 from keras_sp.experiments import comparison_stats
-from keras_sp.experiments import fashion_source
 from keras_sp.experiments import training
 from keras_sp.experiments.comparison_methods import METHODS
 from keras_sp.experiments.comparison_methods import SPARSE_METHODS
 from keras_sp.experiments.comparison_methods import Task
+from keras_sp.experiments.comparison_settings import SETTINGS
+from keras_sp.experiments.comparison_settings import load_setting
 from keras_sp.experiments.config import ConfigError
 from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
 from keras_sp.experiments.data import few_shot
-from keras_sp.experiments.data import load_fashion_mnist
 from keras_sp.experiments.results import ResultsFile
 from keras_sp.experiments.results import write_text
 
@@ -57,6 +59,7 @@ class CompareConfig:
     them).
 
     Attributes:
+        setting: `"fashion"` or `"mobilenet"`.
         methods: the methods compared (`probe` and `l2` are always run).
         per_class: training images per target class; several values give
             the regime map.
@@ -70,12 +73,19 @@ class CompareConfig:
         probe_iterations: SGD steps of the linear probe's head.
         batch_size: batch size.
         learning_rate: initial learning rate (divided by 10 after 2/3).
-        pretrain_epochs: epochs of the source model's training.
-        source_width: filters of the source CNN's first convolution.
+        warmup_iterations: steps of linear learning-rate warm-up.
+        augment: random 2-px shifts and horizontal flips of the training
+            images.
+        input_size: side of MobileNet's inputs (`mobilenet`).
+        test_per_class: test images per class (None: all of them).
+        pretrain_epochs: epochs of the source model's training (`fashion`).
+        source_width: filters of the source CNN's first convolution
+            (`fashion`).
     """
 
     COMMAND = "compare"
 
+    setting: str = "fashion"
     methods: list[str] = dataclasses.field(
         default_factory=lambda: ["probe", "l2", "l2_sp"]
     )
@@ -112,10 +122,19 @@ class CompareConfig:
     probe_iterations: int = 600
     batch_size: int = 32
     learning_rate: float = 0.01
+    warmup_iterations: int = 0
+    augment: bool = False
+    input_size: int = 64
+    test_per_class: int | None = None
     pretrain_epochs: int = 3
     source_width: int = 32
 
     def validate(self):
+        if self.setting not in SETTINGS:
+            raise ConfigError(
+                f"Config key 'setting' must be one of {list(SETTINGS)}. "
+                f"Received: setting={self.setting!r}"
+            )
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ConfigError(
@@ -151,9 +170,15 @@ class CompareConfig:
                             f"Config key 'grids.{method}.{name}' must hold "
                             f"non-negative numbers. Received: {value!r}"
                         )
+        if self.test_per_class is not None and self.test_per_class < 1:
+            raise ConfigError(
+                "Config key 'test_per_class' must be positive or null. "
+                f"Received: test_per_class={self.test_per_class}"
+            )
         for name in (
             "iterations",
             "probe_iterations",
+            "input_size",
             "batch_size",
             "source_width",
         ):
@@ -412,34 +437,22 @@ def run_compare(config, out, verbose=1):
     """
     config.validate()
     log = print if verbose else (lambda *args, **kwargs: None)
-    source, source_accuracy = fashion_source.pretrained_source_model(
-        epochs=config.pretrain_epochs,
-        width=config.source_width,
-        fc_units=None,
-        verbose=2 if verbose else 0,
-    )
-    log(f"Source model (classes 0-4): test accuracy {source_accuracy:.3f}")
-    (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
-    x, y = fashion_source.select_classes(
-        x_train, y_train, fashion_source.TARGET_CLASSES
-    )
-    x_t, y_t = fashion_source.select_classes(
-        x_test, y_test, fashion_source.TARGET_CLASSES
-    )
-    data = {
-        "x": x.astype("float32"),
-        "y": y,
-        "x_test": x_t.astype("float32"),
-        "y_test": y_t,
-    }
+    setting = load_setting(config, verbose)
+    if setting.source_accuracy is not None:
+        log(f"Source model: test accuracy {setting.source_accuracy:.3f}")
+    data = setting.data
+    y, y_t = data["y"], data["y_test"]
     task = Task(
-        source=source,
-        num_classes=len(fashion_source.TARGET_CLASSES),
+        source=setting.source,
+        num_classes=setting.num_classes,
         iterations=config.iterations,
         probe_iterations=config.probe_iterations,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         beta=config.beta,
+        warmup_iterations=config.warmup_iterations,
+        augment=config.augment,
+        delta_layers=setting.delta_layers,
     )
     # What a run's key does not name: a later call with more methods, seeds
     # or sizes (or other grids) reuses the runs it shares with this one.
@@ -508,6 +521,9 @@ def add_parser(subparsers):
     parser.add_argument(
         "--methods", help="comma-separated methods (probe and l2 always run)"
     )
+    parser.add_argument(
+        "--setting", choices=SETTINGS, help="source -> target setting"
+    )
     parser.set_defaults(run=_run)
     return parser
 
@@ -518,6 +534,8 @@ def _run(args):
         overrides["seeds"] = list(range(args.seeds))
     if args.methods:
         overrides["methods"] = args.methods.split(",")
+    if args.setting:
+        overrides["setting"] = args.setting
     path = config_path(args.config, CompareConfig.COMMAND)
     config = load_config(path, CompareConfig, **overrides)
     run_compare(config, args.out)

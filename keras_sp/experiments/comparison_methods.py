@@ -15,6 +15,7 @@ import keras
 import keras_sp
 from keras_sp import feature_space
 from keras_sp import transfer_statistics
+from keras_sp.experiments import comparison_settings
 from keras_sp.experiments import training
 
 __all__ = [
@@ -36,6 +37,9 @@ class Task:
         batch_size: batch size.
         learning_rate: initial learning rate (divided by 10 after 2/3).
         beta: L2 strength on the new head.
+        warmup_iterations: steps of linear learning-rate warm-up.
+        augment: random shifts and flips of the training images.
+        delta_layers: the feature maps DELTA matches.
     """
 
     source: keras.Model
@@ -45,6 +49,9 @@ class Task:
     batch_size: int
     learning_rate: float
     beta: float
+    warmup_iterations: int = 0
+    augment: bool = False
+    delta_layers: tuple = ("relu2", "relu3")
 
 
 def target_model(task, seed):
@@ -59,12 +66,21 @@ def target_model(task, seed):
     return model, backbone, head
 
 
+def _dataset(task, x, y, seed):
+    if task.augment:
+        return comparison_settings.augmented_dataset(
+            x, y, task.batch_size, seed
+        )
+    return training.training_dataset(x, y, task.batch_size, seed)
+
+
 def _fit(task, model, x, y, seed, iterations, learning_rate, proximal=False):
     training.fine_tune(
         model,
-        training.training_dataset(x, y, task.batch_size, seed),
+        _dataset(task, x, y, seed),
         iterations=iterations,
         learning_rate=learning_rate,
+        warmup_iterations=task.warmup_iterations,
         proximal=proximal,
     )
 
@@ -143,7 +159,7 @@ def lp_ft(kind):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         model.fit(
-            training.training_dataset(x, y, task.batch_size, seed),
+            _dataset(task, x, y, seed),
             steps_per_epoch=task.iterations,
             epochs=2,
             callbacks=[
@@ -177,10 +193,6 @@ def wise_ft(task, params, seed, x, y):
     return model, backbone
 
 
-# The outer feature maps DELTA matches (the last two blocks of the CNN).
-DELTA_LAYERS = ("relu2", "relu3")
-
-
 def _terms(name, task, params, seed, x, y):
     """The `keras_sp.feature_space` terms of method `name`."""
     if name == "bss":
@@ -196,13 +208,14 @@ def _terms(name, task, params, seed, x, y):
     # (the backbone frozen), scaled by the number of channels as the
     # authors' code does (mean weight 1).
     probed, _ = probe(task, {"beta": task.beta}, seed, x, y)
+    layers = list(task.delta_layers)
     attention = transfer_statistics.channel_attention(
-        probed, x, y, list(DELTA_LAYERS), verbose=0
+        probed, x, y, layers, verbose=0
     )
     scaled = {k: v * v.size for k, v in attention.items()}
     return [
         feature_space.DELTA(
-            layers=list(DELTA_LAYERS), alpha=params["alpha"], attention=scaled
+            layers=layers, alpha=params["alpha"], attention=scaled
         )
     ]
 

@@ -12,6 +12,7 @@ from scipy import stats
 import keras_sp
 from keras_sp.experiments import compare
 from keras_sp.experiments import comparison_methods
+from keras_sp.experiments import comparison_settings
 from keras_sp.experiments import comparison_stats
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments.config import ConfigError
@@ -68,7 +69,7 @@ def tiny_setting(monkeypatch):
     source = fashion_source.build_small_cnn(
         5, width=4, fc_units=None, head_name="source_head"
     )
-    monkeypatch.setattr(compare, "load_fashion_mnist", lambda: data)
+    monkeypatch.setattr(comparison_settings, "load_fashion_mnist", lambda: data)
     monkeypatch.setattr(
         fashion_source,
         "pretrained_source_model",
