@@ -18,6 +18,21 @@ def check_bool(name, value):
     return value
 
 
+def check_built_model(model):
+    """Raises unless `model` is a `keras.Model` that has its weights."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "`model` must be a keras.Model. Received: model of type "
+            f"{type(model).__name__}"
+        )
+    if not model.built or not model.weights:
+        raise ValueError(
+            f"Model '{model.name}' is not built: it has no weights yet. Call "
+            "`model.build(input_shape)` or call it on data first. Received: "
+            f"model={model.name!r}"
+        )
+
+
 def check_coefficient(name, value):
     """Returns `value` as a float, or raises if it is negative or not finite."""
     if isinstance(value, bool) or not isinstance(

@@ -30,6 +30,7 @@ import numpy as np
 from keras_sp import _paths
 from keras_sp import _selection
 from keras_sp import penalties
+from keras_sp._checks import check_built_model
 from keras_sp.batchnorm import reestimate_batchnorm
 
 __all__ = [
@@ -40,17 +41,7 @@ __all__ = [
 
 
 def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            "`model` must be a keras.Model. Received: model of type "
-            f"{type(model).__name__}"
-        )
-    if not model.built or not model.weights:
-        raise ValueError(
-            f"Model '{model.name}' is not built: it has no weights yet. Call "
-            "`model.build(input_shape)` or call it on data first. Received: "
-            f"model={model.name!r}"
-        )
+    check_built_model(model)
     _paths.check_unique_paths(model)
 
 

@@ -17,7 +17,6 @@ the penalty with its starting point and Fisher weights.
 import warnings
 import weakref
 
-import keras
 import numpy as np
 
 from keras_sp import _keras_private
@@ -25,6 +24,7 @@ from keras_sp import _paths
 from keras_sp import _selection
 from keras_sp import regularizers
 from keras_sp._checks import check_array
+from keras_sp._checks import check_built_model
 from keras_sp._checks import check_coefficient
 from keras_sp._paths import PathDict
 
@@ -447,17 +447,7 @@ def regularize(
                 "`fisher_clip` must be positive (or None for no clipping). "
                 f"Received: fisher_clip={fisher_clip!r}"
             )
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            "`model` must be a keras.Model. Received: model of type "
-            f"{type(model).__name__}"
-        )
-    if not model.built or not model.weights:
-        raise ValueError(
-            f"Model '{model.name}' is not built: it has no weights yet. Call "
-            "`model.build(input_shape)` or call it on data first. Received: "
-            f"model={model.name!r}"
-        )
+    check_built_model(model)
     if not isinstance(proximal, (bool, np.bool_)):
         raise ValueError(
             f"`proximal` must be True or False. Received: proximal={proximal!r}"

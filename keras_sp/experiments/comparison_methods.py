@@ -66,6 +66,16 @@ def target_model(task, seed):
     return model, backbone, head
 
 
+def _regularized_target(task, seed, kind, alpha, **options):
+    """`target_model` with the penalty `kind` at `alpha` on the backbone
+    and `task.beta` on the new head."""
+    model, backbone, head = target_model(task, seed)
+    keras_sp.regularize(
+        model, kind, alpha=alpha, beta=task.beta, new_layers=[head], **options
+    )
+    return model, backbone, head
+
+
 def _dataset(task, x, y, seed):
     if task.augment:
         return comparison_settings.augmented_dataset(
@@ -104,13 +114,11 @@ def penalized(kind, proximal=False):
     its subgradient."""
 
     def train(task, params, seed, x, y):
-        model, backbone, head = target_model(task, seed)
-        keras_sp.regularize(
-            model,
+        model, backbone, _ = _regularized_target(
+            task,
+            seed,
             kind,
-            alpha=params["alpha"],
-            beta=task.beta,
-            new_layers=[head],
+            params["alpha"],
             **({"proximal": True} if proximal else {}),
         )
         _fit(
@@ -146,13 +154,8 @@ def lp_ft(kind):
     the head."""
 
     def train(task, params, seed, x, y):
-        model, backbone, head = target_model(task, seed)
-        keras_sp.regularize(
-            model,
-            kind,
-            alpha=params.get("sp_alpha", 0.0),
-            beta=task.beta,
-            new_layers=[head],
+        model, backbone, head = _regularized_target(
+            task, seed, kind, params.get("sp_alpha", 0.0)
         )
         model.compile(
             optimizer=keras.optimizers.SGD(task.learning_rate, momentum=0.9),
@@ -228,13 +231,8 @@ def feature_regularized(name, kind="l2"):
 
     def train(task, params, seed, x, y):
         terms = _terms(name, task, params, seed, x, y)
-        model, backbone, head = target_model(task, seed)
-        keras_sp.regularize(
-            model,
-            kind,
-            alpha=params.get("sp_alpha", 0.0),
-            beta=task.beta,
-            new_layers=[head],
+        model, backbone, _ = _regularized_target(
+            task, seed, kind, params.get("sp_alpha", 0.0)
         )
         uses_head = any(term.uses_source_head for term in terms)
         wrapper = keras_sp.FeatureRegularized(

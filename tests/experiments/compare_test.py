@@ -96,6 +96,25 @@ def tiny_setting(monkeypatch):
     return config, data
 
 
+def tiny_task(tiny_setting, iterations):
+    """A `Task` on the tiny setting's source model, and its target's
+    training images."""
+    _, data = tiny_setting
+    source, _ = fashion_source.pretrained_source_model()
+    task = comparison_methods.Task(
+        source=source,
+        num_classes=5,
+        iterations=iterations,
+        probe_iterations=3,
+        batch_size=8,
+        learning_rate=0.01,
+        beta=0.01,
+    )
+    (x, y), _ = data
+    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
+    return task, x.astype("float32"), y
+
+
 def test_compare_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
     config, data = tiny_setting
     out = str(tmp_path / "compare")
@@ -218,23 +237,11 @@ def test_a_feature_term_at_zero_weight_trains_as_plain_fine_tuning(
     """The wrapper adds its term and nothing else: at weight 0 the target
     network trains to the weights of L2 fine-tuning at alpha = 0 (same seed,
     same images, same batches)."""
-    _, data = tiny_setting
-    source, _ = fashion_source.pretrained_source_model()
-    task = comparison_methods.Task(
-        source=source,
-        num_classes=5,
-        iterations=3,
-        probe_iterations=3,
-        batch_size=8,
-        learning_rate=0.01,
-        beta=0.01,
-    )
-    (x, y), _ = data
-    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
-    x = x.astype("float32")
+    task, x, y = tiny_task(tiny_setting, iterations=3)
     plain, _ = comparison_methods.METHODS["l2"][0](
         task, {"alpha": 0.0}, 5, x, y
     )
+    source = task.source
     source_before = [w.copy() for w in source.get_weights()]
     regularized, _ = comparison_methods.METHODS[method][0](
         task, params, 5, x, y
@@ -251,20 +258,7 @@ def test_a_feature_term_at_zero_weight_trains_as_plain_fine_tuning(
 def test_wise_ft_interpolates_the_l2_run_of_the_same_seed(tiny_setting):
     """WiSE-FT at t is L2 fine-tuning (same seed) moved back toward w0:
     its kernels' drift is t times L2's, and t = 1 is the L2 run itself."""
-    _, data = tiny_setting
-    source, _ = fashion_source.pretrained_source_model()
-    task = comparison_methods.Task(
-        source=source,
-        num_classes=5,
-        iterations=3,
-        probe_iterations=3,
-        batch_size=8,
-        learning_rate=0.01,
-        beta=0.01,
-    )
-    (x, y), _ = data
-    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
-    x = x.astype("float32")
+    task, x, y = tiny_task(tiny_setting, iterations=3)
     train = comparison_methods.METHODS["wise_ft"][0]
     plain, backbone = comparison_methods.METHODS["l2"][0](
         task, {"alpha": 0.01}, 2, x, y
@@ -282,20 +276,7 @@ def test_the_proximal_methods_put_weights_exactly_at_w0(tiny_setting):
     """Through the runner's wiring (regularize(proximal=True) and the
     Proximal optimizer): at a strong alpha, weights sit exactly at w0 after
     proximal fine-tuning and none do after the subgradient version."""
-    _, data = tiny_setting
-    source, _ = fashion_source.pretrained_source_model()
-    task = comparison_methods.Task(
-        source=source,
-        num_classes=5,
-        iterations=5,
-        probe_iterations=3,
-        batch_size=8,
-        learning_rate=0.01,
-        beta=0.01,
-    )
-    (x, y), _ = data
-    x, y = fashion_source.select_classes(x, y, fashion_source.TARGET_CLASSES)
-    x = x.astype("float32")
+    task, x, y = tiny_task(tiny_setting, iterations=5)
     found = {}
     for method in ("l1_sp", "l1_sp_proximal"):
         model, _ = comparison_methods.METHODS[method][0](
