@@ -238,10 +238,24 @@ class _Runs:
             started = time.time()
             function, _ = METHODS[method]
             x, y = self.data["x"], self.data["y"]
-            model, backbone = function(
-                self.task, params, seed, x[train], y[train]
-            )
             record = {"key": key, "method": method, "seed": seed, **params}
+            try:
+                model, backbone = function(
+                    self.task, params, seed, x[train], y[train]
+                )
+            except FloatingPointError:
+                # The loss became NaN or infinite: the run scores chance
+                # (a guess among the classes) and says it diverged.
+                record.update(
+                    accuracy=1.0 / self.task.num_classes,
+                    loss=float(np.log(self.task.num_classes)),
+                    drift=float("nan"),
+                    diverged=True,
+                    seconds=round(time.time() - started, 2),
+                )
+                self.results.append(record)
+                self.progress.add(1)
+                return record
             record.update(_evaluate(model, *evaluate_on))
             record["drift"] = _drift(model, backbone)
             if method in SPARSE_METHODS:
@@ -315,7 +329,7 @@ class _Runs:
 
 def _summary(method, params, cv_scores, runs, reference):
     accuracy = np.array([r["accuracy"] for r in runs])
-    drift = np.array([r["drift"] for r in runs])
+    drift = np.array([r["drift"] for r in runs if not r.get("diverged")])
     difference = comparison_stats.paired_difference(
         accuracy, [r["accuracy"] for r in reference]
     )
@@ -328,11 +342,12 @@ def _summary(method, params, cv_scores, runs, reference):
     return {
         "method": method,
         "params": params,
+        "diverged": sum(bool(r.get("diverged")) for r in runs),
         "at_w0": at_w0,
         "cv_accuracy": cv_scores,
         "accuracy_mean": float(accuracy.mean()),
         "accuracy_std": float(accuracy.std(ddof=1)) if len(runs) > 1 else 0.0,
-        "drift_mean": float(drift.mean()),
+        "drift_mean": float(drift.mean()) if drift.size else float("nan"),
         "difference_to_l2": difference,
         "detectable": comparison_stats.smallest_detectable_effect(
             difference["std"], difference["n"]
@@ -365,6 +380,9 @@ def format_table(rows, per_class, test_images, seeds):
         detectable = (
             "—" if row["method"] == "l2" else f"{100 * row['detectable']:.2f}"
         )
+        diverged = ""
+        if row.get("diverged"):
+            diverged = f" ({row['diverged']} diverged, scored as chance)"
         at_w0 = "—"
         if row.get("at_w0") is not None:
             weights, channels = row["at_w0"]
@@ -372,7 +390,8 @@ def format_table(rows, per_class, test_images, seeds):
         lines.append(
             f"| {row['method']} | {_label(row['params']) or '—'} | "
             f"{100 * row['accuracy_mean']:.2f} ± "
-            f"{100 * row['accuracy_std']:.2f} | {versus} | {detectable} | "
+            f"{100 * row['accuracy_std']:.2f}{diverged} | {versus} | "
+            f"{detectable} | "
             f"{row['drift_mean']:.4f} | {at_w0} |"
         )
     lines += [

@@ -286,3 +286,23 @@ def test_the_proximal_methods_put_weights_exactly_at_w0(tiny_setting):
         assert keras_sp.weight_drift(model)["distance"] > 0
     assert found["l1_sp"] == 0.0
     assert found["l1_sp_proximal"] > 0.5
+
+
+def test_a_diverged_run_is_scored_as_chance_and_flagged(
+    tiny_setting, tmp_path, monkeypatch
+):
+    config, _ = tiny_setting
+    config.per_class = [4]
+
+    def diverges(*args, **kwargs):
+        raise FloatingPointError("loss is nan")
+
+    monkeypatch.setitem(
+        comparison_methods.METHODS, "l2_sp", (diverges, ("alpha",))
+    )
+    summaries = compare.run_compare(config, str(tmp_path), verbose=0)
+    row = summaries[4]["l2_sp"]
+    assert row["diverged"] == 3
+    assert row["accuracy_mean"] == pytest.approx(1 / 5)
+    table = (tmp_path / "table.md").read_text()
+    assert "(3 diverged, scored as chance)" in table
