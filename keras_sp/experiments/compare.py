@@ -76,6 +76,9 @@ class CompareConfig:
         warmup_iterations: steps of linear learning-rate warm-up.
         augment: random 2-px shifts and horizontal flips of the training
             images.
+        delta_attention: DELTA's channel attention from a linear probe
+            (one forward pass per channel and batch: slow for MobileNet's
+            1024-channel maps); False gives every channel weight 1.
         input_size: side of MobileNet's inputs (`mobilenet`).
         test_per_class: test images per class (None: all of them).
         pretrain_epochs: epochs of the source model's training (`fashion`).
@@ -124,6 +127,7 @@ class CompareConfig:
     learning_rate: float = 0.01
     warmup_iterations: int = 0
     augment: bool = False
+    delta_attention: bool = True
     input_size: int = 64
     test_per_class: int | None = None
     pretrain_epochs: int = 3
@@ -472,6 +476,7 @@ def run_compare(config, out, verbose=1):
         warmup_iterations=config.warmup_iterations,
         augment=config.augment,
         delta_layers=setting.delta_layers,
+        delta_attention=config.delta_attention,
     )
     # What a run's key does not name: a later call with more methods, seeds
     # or sizes (or other grids) reuses the runs it shares with this one.

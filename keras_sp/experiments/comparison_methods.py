@@ -40,6 +40,9 @@ class Task:
         warmup_iterations: steps of linear learning-rate warm-up.
         augment: random shifts and flips of the training images.
         delta_layers: the feature maps DELTA matches.
+        delta_attention: DELTA's channel attention, from a linear probe
+            (one forward pass per channel and batch); False: every channel
+            weighs 1.
     """
 
     source: keras.Model
@@ -52,6 +55,7 @@ class Task:
     warmup_iterations: int = 0
     augment: bool = False
     delta_layers: tuple = ("relu2", "relu3")
+    delta_attention: bool = True
 
 
 def target_model(task, seed):
@@ -210,8 +214,10 @@ def _terms(name, task, params, seed, x, y):
     # DELTA: channel attention from a linear probe on the target images
     # (the backbone frozen), scaled by the number of channels as the
     # authors' code does (mean weight 1).
-    probed, _ = probe(task, {"beta": task.beta}, seed, x, y)
     layers = list(task.delta_layers)
+    if not task.delta_attention:
+        return [feature_space.DELTA(layers=layers, alpha=params["alpha"])]
+    probed, _ = probe(task, {"beta": task.beta}, seed, x, y)
     attention = transfer_statistics.channel_attention(
         probed, x, y, layers, verbose=0
     )

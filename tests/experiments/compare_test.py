@@ -16,6 +16,7 @@ from keras_sp.experiments import comparison_settings
 from keras_sp.experiments import comparison_stats
 from keras_sp.experiments import fashion_source
 from keras_sp.experiments.config import ConfigError
+from keras_sp.experiments.config import config_path
 from keras_sp.experiments.config import load_config
 
 
@@ -306,3 +307,12 @@ def test_a_diverged_run_is_scored_as_chance_and_flagged(
     assert row["accuracy_mean"] == pytest.approx(1 / 5)
     table = (tmp_path / "table.md").read_text()
     assert "(3 diverged, scored as chance)" in table
+
+
+def test_the_shipped_mobilenet_comparison_is_valid():
+    """Its every method has one grid point per hyper-parameter it takes."""
+    path = config_path("compare_mobilenet", compare.CompareConfig.COMMAND)
+    config = load_config(path, compare.CompareConfig)
+    config.validate()
+    assert config.setting == "mobilenet"
+    assert set(config.compared()) <= set(comparison_methods.METHODS)
