@@ -230,7 +230,8 @@ def _drift(model, backbone):
 class _Runs:
     """Trains, tests and records the runs of one comparison."""
 
-    def __init__(self, config, task, data, results, progress):
+    def __init__(self, config, task, data, results, progress, report_only):
+        self.report_only = report_only
         self.config = config
         self.task = task
         self.data = data
@@ -238,6 +239,11 @@ class _Runs:
         self.progress = progress
 
     def _run(self, key, method, params, seed, train, evaluate_on):
+        if not self.results.done(key) and self.report_only:
+            raise ConfigError(
+                f"--report-only: {self.results.path} has no run {key!r}; "
+                "run without --report-only to make it."
+            )
         if not self.results.done(key):
             started = time.time()
             function, _ = METHODS[method]
@@ -446,7 +452,7 @@ def plot_regime_map(summaries, path):
     plt.close(figure)
 
 
-def run_compare(config, out, verbose=1):
+def run_compare(config, out, verbose=1, report_only=False):
     """Runs the comparison, writes `results.json`, `table.md` (and
     `regime_map.png` for several `per_class`) under `out`.
 
@@ -454,13 +460,15 @@ def run_compare(config, out, verbose=1):
         config: a `CompareConfig`.
         out: output folder; runs already in its `results.json` are skipped.
         verbose: 1 prints progress and the tables.
+        report_only: write the tables from the runs `results.json` holds,
+            train nothing (a missing run is an error).
 
     Returns:
         `{per_class: {method: summary}}`.
     """
     config.validate()
     log = print if verbose else (lambda *args, **kwargs: None)
-    setting = load_setting(config, verbose)
+    setting = load_setting(config, verbose, with_source=not report_only)
     if setting.source_accuracy is not None:
         log(f"Source model: test accuracy {setting.source_accuracy:.3f}")
     data = setting.data
@@ -497,7 +505,7 @@ def run_compare(config, out, verbose=1):
         verbose=verbose,
         unit_name="run",
     )
-    runs = _Runs(config, task, data, results, progress)
+    runs = _Runs(config, task, data, results, progress, report_only)
     summaries, tables = {}, []
     for per_class in config.per_class:
         draws = {s: few_shot(y, per_class, s) for s in config.seeds}
@@ -548,6 +556,11 @@ def add_parser(subparsers):
     parser.add_argument(
         "--setting", choices=SETTINGS, help="source -> target setting"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the tables from results.json, train nothing",
+    )
     parser.set_defaults(run=_run)
     return parser
 
@@ -562,4 +575,4 @@ def _run(args):
         overrides["setting"] = args.setting
     path = config_path(args.config, CompareConfig.COMMAND)
     config = load_config(path, CompareConfig, **overrides)
-    run_compare(config, args.out)
+    run_compare(config, args.out, report_only=args.report_only)

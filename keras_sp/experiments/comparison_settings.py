@@ -43,13 +43,15 @@ class Setting(NamedTuple):
     delta_layers: tuple
 
 
-def _fashion(config, verbose):
-    source, accuracy = fashion_source.pretrained_source_model(
-        epochs=config.pretrain_epochs,
-        width=config.source_width,
-        fc_units=None,
-        verbose=2 if verbose else 0,
-    )
+def _fashion(config, verbose, with_source):
+    source, accuracy = None, None
+    if with_source:
+        source, accuracy = fashion_source.pretrained_source_model(
+            epochs=config.pretrain_epochs,
+            width=config.source_width,
+            fc_units=None,
+            verbose=2 if verbose else 0,
+        )
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     x, y = fashion_source.select_classes(
         x_train, y_train, fashion_source.TARGET_CLASSES
@@ -104,8 +106,8 @@ def mobilenet_source(input_size, weights_path=None):
     return source
 
 
-def _mobilenet(config, verbose):
-    source = mobilenet_source(config.input_size)
+def _mobilenet(config, verbose, with_source):
+    source = mobilenet_source(config.input_size) if with_source else None
     (x, y), (x_t, y_t) = load_fashion_mnist()
     if config.test_per_class is not None:
         keep = np.concatenate(
@@ -121,10 +123,11 @@ def _mobilenet(config, verbose):
     )
 
 
-def load_setting(config, verbose=1):
-    """The `Setting` named by `config.setting`."""
+def load_setting(config, verbose=1, with_source=True):
+    """The `Setting` named by `config.setting`; without its source model
+    (None) when `with_source` is False (reporting on finished runs)."""
     loader = {"fashion": _fashion, "mobilenet": _mobilenet}[config.setting]
-    setting = loader(config, verbose)
+    setting = loader(config, verbose, with_source)
     data = dict(setting.data)
     data["x"] = data["x"].astype("float32")
     data["x_test"] = data["x_test"].astype("float32")

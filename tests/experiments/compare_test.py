@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -171,6 +172,17 @@ def test_compare_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
     monkeypatch.setitem(
         comparison_methods.METHODS, "l2", (no_training, ("alpha",))
     )
+    # --report-only writes the same table from results.json alone, and
+    # refuses when a run is missing.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(os.path.join(out, "results.json"), copy / "results.json")
+    compare.run_compare(config, str(copy), verbose=0, report_only=True)
+    assert (copy / "table.md").read_text() == table
+    config.seeds = [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="report-only.*seed=3"):
+        compare.run_compare(config, str(copy), verbose=0, report_only=True)
+    config.seeds = [0, 1, 2]
     again = compare.run_compare(config, out, verbose=0)
     assert again[4]["l2"]["params"] == summaries[4]["l2"]["params"]
     # A later call with one more method reuses every run it shares.

@@ -65,3 +65,31 @@ def test_report_only_writes_the_committed_tables(name, tmp_path):
     assert (tmp_path / "results.json").read_bytes() == (
         folder / "results.json"
     ).read_bytes()
+
+
+def compare_results():
+    """`{name: folder}` of the committed `keras-sp compare` results: each
+    folder under docs/results/compare/ holds the `config.json` it ran."""
+    return {
+        path.parent.name: path.parent
+        for path in sorted((RESULTS / "compare").glob("*/config.json"))
+    }
+
+
+def test_the_committed_comparisons_are_found():
+    assert sorted(compare_results()) == ["fashion", "mobilenet"]
+
+
+@pytest.mark.parametrize("name", sorted(compare_results()))
+def test_compare_report_only_writes_the_committed_table(name, tmp_path):
+    """Without the source model or any training: the runs are read back."""
+    folder = compare_results()[name]
+    shutil.copy(folder / "results.json", tmp_path / "results.json")
+    argv = ["compare", "--config", str(folder / "config.json")]
+    assert cli.main([*argv, "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "table.md").read_bytes() == (
+        folder / "table.md"
+    ).read_bytes()
+    assert (tmp_path / "results.json").read_bytes() == (
+        folder / "results.json"
+    ).read_bytes()
