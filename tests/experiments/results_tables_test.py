@@ -76,6 +76,11 @@ def compare_results():
     }
 
 
+def test_the_committed_comparisons_are_found():
+    # The write-up (docs/results/compare/README.md) includes both tables.
+    assert sorted(compare_results()) == ["fashion", "mobilenet"]
+
+
 @pytest.mark.parametrize("name", sorted(compare_results()))
 def test_compare_report_only_writes_the_committed_table(name, tmp_path):
     """Without the source model or any training: the runs are read back."""
