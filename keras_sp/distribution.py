@@ -141,5 +141,5 @@ def add_penalty_layouts(layout_map, model):
             setattr(regularizer, attribute, _recreate(state, path, path_layout))
             placed[path] = path_layout
     if placed:
-        penalties._reset_compiled_functions(model)
+        penalties.reset_compiled_functions(model)
     return placed

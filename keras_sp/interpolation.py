@@ -131,8 +131,8 @@ def record_starting_point(model, *, new_layers=None, overwrite=False):
                 "move both, or keras_sp.unregularize(model) first. "
                 "Received: overwrite=True"
             )
-    penalties._remember_attached(model)
-    memory = penalties._memory(model)
+    penalties.remember_attached(model)
+    memory = penalties.memory_of(model)
     recorded = _paths.PathDict(memory.starting_point)
     unpenalized = _paths.PathDict(memory.unpenalized)
     for variable in variables:

@@ -93,7 +93,8 @@ class _Memory:
 _MEMORY = weakref.WeakKeyDictionary()
 
 
-def _memory(model):
+def memory_of(model):
+    """The `_Memory` of `model` (made on first use)."""
     if model not in _MEMORY:
         _MEMORY[model] = _Memory()
     return _MEMORY[model]
@@ -220,9 +221,9 @@ def _kind_of(regularizer):
     return "l2"
 
 
-def _remember_attached(model):
+def remember_attached(model):
     """Copies the w0 and F attached to `model` into its memory."""
-    memory = _memory(model)
+    memory = memory_of(model)
     for _, variable, regularizer in attached_penalties(model):
         if isinstance(regularizer, _STARTING_POINT_PENALTIES):
             if regularizer.starting_point is None:
@@ -253,8 +254,9 @@ def _attach(layer, variable, regularizer):
             break
 
 
-def _reset_compiled_functions(model):
-    # A traced train step holds the penalties it was traced with.
+def reset_compiled_functions(model):
+    """Rebuilds a compiled model's train and test functions: a traced step
+    holds the penalties it was traced with."""
     if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     if getattr(model, "test_function", None) is not None:
@@ -278,9 +280,9 @@ def unregularize(model):
     Returns:
         The model.
     """
-    _remember_attached(model)
+    remember_attached(model)
     _detach(model)
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model
 
 
@@ -291,7 +293,7 @@ def _unpenalized_starting_point(model, new_layers, plan, references):
     when it has one, else the current value if no w0 is recorded yet, so
     that `keras_sp.interpolate` finds a w0 for every pretrained variable."""
     penalized = {id(variable) for _, variable, _, _ in plan}
-    memory = _memory(model)
+    memory = memory_of(model)
     recorded = PathDict({**memory.unpenalized, **memory.starting_point})
     entries = {}
     for variable in _selection.shared_variables(model, new_layers):
@@ -503,8 +505,8 @@ def regularize(
 
     # The starting point and Fisher recorded for the model are kept by
     # default: the attached ones, then those remembered in memory.
-    _remember_attached(model)
-    memory = _memory(model)
+    remember_attached(model)
+    memory = memory_of(model)
     previous_w0 = PathDict(memory.starting_point)
     previous_fisher = PathDict(memory.fisher)
 
@@ -582,5 +584,5 @@ def regularize(
     if beta > 0:
         for layer, variable in new:
             _attach(layer, variable, regularizers.WeightDecay(beta))
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model

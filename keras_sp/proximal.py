@@ -181,7 +181,7 @@ class Proximal(keras.optimizers.Optimizer):
             variables = trainable_variables
         targets = _proximal_targets(variables)
         for variable, regularizer in targets:
-            if regularizer._starting_point is None:
+            if regularizer.reference is None:
                 raise ValueError(
                     f"The penalty on variable '{variable.path}' has no "
                     "starting point (it was rebuilt from a config without "
@@ -254,8 +254,8 @@ def _proximal_targets(variables):
 def _prox(variable, regularizer, learning_rate):
     """The proximal operator of `regularizer` (eq. 5 or 6) at the
     variable's current value, with step `learning_rate`."""
-    dtype = regularizers._computation_dtype(variable.dtype)
-    start = ops.cast(regularizer._starting_point, dtype)
+    dtype = regularizers.computation_dtype(variable.dtype)
+    start = ops.cast(regularizer.reference, dtype)
     difference = ops.cast(variable, dtype) - start
     threshold = ops.cast(learning_rate, dtype) * ops.cast(
         regularizer.alpha, dtype
@@ -266,7 +266,7 @@ def _prox(variable, regularizer, learning_rate):
         )
     else:
         rank = len(variable.shape)
-        axes = regularizer._resolve_axes(rank)
+        axes = regularizer.resolve_axes(rank)
         group_size = math.prod(variable.shape[axis] for axis in axes)
         threshold = threshold * ops.cast(math.sqrt(group_size), dtype)
         if axes:
@@ -333,7 +333,7 @@ def at_starting_point(model):
         equal = _selection.to_numpy(variable) == start
         rank = equal.ndim
         if isinstance(regularizer, regularizers.GroupLassoSP):
-            axes = regularizer._resolve_axes(rank)
+            axes = regularizer.resolve_axes(rank)
         else:
             axes = _selection.group_axes(layer, variable)
             axes = tuple(range(rank - 1)) if axes is None else axes

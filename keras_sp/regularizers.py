@@ -42,7 +42,7 @@ __all__ = [
 GROUP_LASSO_EPSILON = 1e-16
 
 
-def _computation_dtype(dtype):
+def computation_dtype(dtype):
     """The dtype a penalty is computed in for weights of `dtype`.
 
     16-bit floats are widened to float32: float16 squares a difference
@@ -105,7 +105,7 @@ class WeightDecay(keras.regularizers.Regularizer):
 
     def __call__(self, x):
         x = ops.convert_to_tensor(x)
-        dtype = _computation_dtype(x.dtype)
+        dtype = computation_dtype(x.dtype)
         value = ops.cast(self.alpha / 2, dtype) * ops.sum(
             ops.square(ops.cast(x, dtype))
         )
@@ -205,6 +205,12 @@ class _StartingPointPenalty(
         return _selection.to_numpy(self._starting_point)
 
     @property
+    def reference(self):
+        """The variable holding w0 (None until restored), for computations
+        inside a traced step."""
+        return self._starting_point
+
+    @property
     def fisher(self):
         """The Fisher weights F as a NumPy array, or None."""
         if self._fisher is None:
@@ -213,7 +219,7 @@ class _StartingPointPenalty(
 
     def _difference(self, x):
         """Returns `(x, x - w0, F or None)`: x as a tensor, the others in
-        the dtype the penalty is computed in (`_computation_dtype`)."""
+        the dtype the penalty is computed in (`computation_dtype`)."""
         if self._starting_point is None:
             raise ValueError(
                 f"This {type(self).__name__} has no starting point: it was "
@@ -232,7 +238,7 @@ class _StartingPointPenalty(
                 f"{tuple(self._starting_point.shape)} but was called on a "
                 f"tensor of shape {tuple(x.shape)}."
             )
-        dtype = _computation_dtype(x.dtype)
+        dtype = computation_dtype(x.dtype)
         difference = ops.cast(x, dtype) - ops.cast(self._starting_point, dtype)
         fisher = None
         if self._fisher is not None:
@@ -497,9 +503,10 @@ class GroupLassoSP(_StartingPointPenalty):
             )
         super().__init__(alpha, starting_point, fisher, fisher_weighted)
         if self._starting_point is not None:
-            self._resolve_axes(len(self._starting_point.shape))
+            self.resolve_axes(len(self._starting_point.shape))
 
-    def _resolve_axes(self, rank):
+    def resolve_axes(self, rank):
+        """The axes one group spans in a variable of `rank` axes."""
         if self.group_axes is None:
             return tuple(range(rank - 1))
         axes = []
@@ -519,7 +526,7 @@ class GroupLassoSP(_StartingPointPenalty):
 
     def __call__(self, x):
         x, difference, fisher = self._difference(x)
-        axes = self._resolve_axes(len(x.shape))
+        axes = self.resolve_axes(len(x.shape))
         squared = ops.square(difference)
         if fisher is not None:
             squared = fisher * squared

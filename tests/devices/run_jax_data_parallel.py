@@ -142,7 +142,7 @@ def main(out):
                 base = f"saved/{tag}/{index}"
                 results[f"{base}/w0"] = reg.starting_point
                 results[f"{base}/w0_sharding"] = sharding_of(
-                    reg._starting_point.value
+                    reg.reference.value
                 )
                 if reg.fisher is not None:
                     results[f"{base}/fisher"] = reg.fisher
