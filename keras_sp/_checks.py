@@ -18,6 +18,21 @@ def check_bool(name, value):
     return value
 
 
+def check_positive_int(name, value, meaning=""):
+    """Returns `value` as an int if it is an integer >= 1 (not a bool),
+    else raises; `meaning` follows "a positive integer" in the message."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive integer{meaning}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
 def check_built_model(model):
     """Raises unless `model` is a `keras.Model` that has its weights."""
     if not isinstance(model, keras.Model):

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from keras_sp import _keras_private
+from keras_sp._checks import check_positive_int
 from keras_sp._selection import resolve_new_layers
 from keras_sp._trainable import apply_trainable_change
 
@@ -117,15 +118,9 @@ class LinearProbe(keras.callbacks.Callback):
         _check_layers("new_layers", new_layers, allow_empty=False)
         if keep_frozen is not None:
             _check_layers("keep_frozen", keep_frozen, allow_empty=True)
-        if (
-            isinstance(epochs, bool)
-            or not isinstance(epochs, (int, np.integer))
-            or epochs < 1
-        ):
-            raise ValueError(
-                "`epochs` must be a positive integer, the number of epochs "
-                f"of the linear probe. Received: epochs={epochs!r}"
-            )
+        check_positive_int(
+            "epochs", epochs, ", the number of epochs of the linear probe"
+        )
         learning_rate = _check_rate("learning_rate", learning_rate)
         finetune_learning_rate = _check_rate(
             "finetune_learning_rate", finetune_learning_rate

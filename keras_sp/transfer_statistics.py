@@ -33,6 +33,7 @@ from keras import tree
 from keras_sp import _channel_zeroing
 from keras_sp import _fisher_data as _data
 from keras_sp import _fisher_outputs as _outputs
+from keras_sp._checks import check_positive_int
 
 __all__ = [
     "NORMALIZATIONS",
@@ -53,15 +54,7 @@ _PROBABILITY_TOLERANCE = 1e-3
 
 
 def _check_batch_size(batch_size):
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size < 1
-    ):
-        raise ValueError(
-            "`batch_size` must be an integer >= 1. Received: "
-            f"batch_size={batch_size!r}"
-        )
+    check_positive_int("batch_size", batch_size)
     return int(batch_size)
 
 
@@ -528,15 +521,8 @@ def category_relationship(
             "from_logits=True only. Received: from_logits=False, "
             f"temperature={temperature!r}"
         )
-    if num_classes is not None and (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, (int, np.integer))
-        or num_classes < 1
-    ):
-        raise ValueError(
-            "`num_classes` must be None or an integer >= 1. Received: "
-            f"num_classes={num_classes!r}"
-        )
+    if num_classes is not None:
+        check_positive_int("num_classes", num_classes, " or None")
     batch_size = _check_batch_size(batch_size)
     verbose = _check_verbose(verbose)
     count = _examples(source_model, x, y, "category relationship")
