@@ -530,7 +530,10 @@ def test_interrupted_source_model_cache_keeps_the_previous_files(
 
 
 _WRITER = """
-import importlib.util, json, os, sys, time
+import importlib.util, json, os, signal, sys, time
+# Ctrl-C raises KeyboardInterrupt even when the parent (a background job)
+# ignores SIGINT, which a child would otherwise inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 spec = importlib.util.spec_from_file_location("results", sys.argv[1])
 results = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(results)
