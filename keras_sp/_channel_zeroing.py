@@ -8,6 +8,17 @@ output by a mask with a 0 at that channel (the same instance-level
 replacement `keras_sp._fisher_outputs` uses to read logits before a final
 softmax). `resolve_layers` finds the layers by name, nested models
 included.
+
+A pass with a channel zeroed only needs to recompute what lies downstream
+of the zeroed layer. Every other layer of the model (except the ones that
+contain a chosen layer) is wrapped too: during the first pass over a batch,
+with nothing zeroed, each call's outputs are kept under the identity of its
+input tensors; in a later pass, a call whose inputs are those very tensors
+returns the kept outputs without computing. Anything recomputed yields new
+tensor objects, so every call downstream of the zeroed channel misses the
+cache and runs: the results are the ones a full forward pass gives, at the
+cost of the layers downstream of the zeroed one (plus Keras' per-call
+overhead).
 """
 
 import contextlib
@@ -17,6 +28,7 @@ import threading
 import keras
 import numpy as np
 from keras import ops
+from keras import tree
 
 from keras_sp import _keras_private
 
@@ -95,6 +107,22 @@ def resolve_layers(model, layers):
     return resolved
 
 
+def _tensors(structure):
+    return [
+        leaf
+        for leaf in tree.flatten(structure)
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    ]
+
+
+def _contains(layer, chosen):
+    """Whether one of the `chosen` layers is `layer` or inside it."""
+    if any(layer is item for item in chosen):
+        return True
+    inside = _keras_private.all_layers(layer)
+    return any(item is other for item in chosen for other in inside)
+
+
 class ChannelZeroing:
     """Records the outputs of some layers and zeroes one channel of one.
 
@@ -102,17 +130,55 @@ class ChannelZeroing:
     the instance by one that calls the original and then, for the layer
     whose channel is `zeroed`, multiplies the channel-last output by a mask
     with a 0 at that channel. No variable is touched.
+
+    With `model` given, the other layers of the model reuse the outputs of
+    the last pass run with `zeroed` None (see the module docstring); call
+    `forget()` before that pass on each new batch.
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers, model=None):
         self.layers = layers
         self.shapes = {}
         self.zeroed = None  # (layer index, channel) or None
+        self.reused = []
+        if model is not None:
+            self.reused = [
+                layer
+                for layer in _keras_private.all_layers(model)
+                if not any(layer is item for item in layers)
+                and not _contains(layer, layers)
+            ]
+        self.forget()
+
+    def forget(self):
+        """Drops the outputs kept from earlier passes."""
+        self._outputs = {}
+        self._kept = []
+
+    def _cached(self, layer, original, args, kwargs):
+        """The layer's outputs: kept ones when its inputs are tensors of the
+        recording pass (nothing zeroed), computed otherwise."""
+        inputs = _tensors((args, kwargs))
+        key = (id(layer), tuple(id(tensor) for tensor in inputs))
+        if self.zeroed is not None and key in self._outputs:
+            return self._outputs[key]
+        outputs = original(*args, **kwargs)
+        if self.zeroed is None:
+            # Keeping the tensors alive keeps their ids unique.
+            self._kept.append((inputs, outputs))
+            self._outputs[key] = outputs
+        return outputs
+
+    def _wrap_reused(self, layer, original):
+        def call(*args, **kwargs):
+            return self._cached(layer, original, args, kwargs)
+
+        return call
 
     def _wrap(self, index, original):
         def call(*args, **kwargs):
-            outputs = original(*args, **kwargs)
             layer = self.layers[index]
+            outputs = self._cached(layer, original, args, kwargs)
             if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
                 raise ValueError(
                     f"`layers`: layer '{layer.name}' must output one "
@@ -134,8 +200,17 @@ class ChannelZeroing:
     def active(self):
         with _CALL_LOCK:
             replaced = []
+            wrapped = [
+                (layer, lambda original, i=i: self._wrap(i, original))
+                for i, layer in enumerate(self.layers)
+            ] + [
+                (layer, lambda original, layer=layer: self._wrap_reused(
+                    layer, original
+                ))
+                for layer in self.reused
+            ]
             try:
-                for index, layer in enumerate(self.layers):
+                for layer, wrap in wrapped:
                     name = "call"
                     if getattr(layer, "quantization_mode", None) is not None:
                         name = "quantized_call"
@@ -144,9 +219,10 @@ class ChannelZeroing:
                     replaced.append(
                         (layer, name, had, layer.__dict__.get(name))
                     )
-                    layer.__dict__[name] = self._wrap(index, original)
+                    layer.__dict__[name] = wrap(original)
                 yield
             finally:
+                self.forget()
                 for layer, name, had, previous in reversed(replaced):
                     if had:
                         layer.__dict__[name] = previous

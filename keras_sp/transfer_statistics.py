@@ -288,10 +288,13 @@ def channel_attention(
     call is replaced on the instance for the duration of the computation.
     The public code zeroes the j-th filter of a convolution without bias,
     which is the same. A layer called at several places in the model has
-    each of its outputs zeroed. Every (batch, channel) pair costs one
-    forward pass: the reference code uses a few batches of the target
-    training set (4 batches of 32 images in lixingjian/DELTA, 10 in TLlib);
-    pass such a subset as `(x, y)`.
+    each of its outputs zeroed. Every (batch, channel) pair costs one pass
+    through the layers downstream of the zeroed one: the outputs of the
+    others are kept from the batch's first pass and reused (they hold the
+    batch's activations in memory; a larger `batch_size` means fewer
+    passes). The reference code uses a few batches of the target training
+    set (4 batches of 32 images in lixingjian/DELTA, 10 in TLlib); pass such
+    a subset as `(x, y)`.
 
     Args:
         model: a built `keras.Model` mapping inputs to target logits: the
@@ -349,13 +352,14 @@ def channel_attention(
     resolved = _channel_zeroing.resolve_layers(model, layers)
     count = _examples(model, x, y, "channel attention")
     loss_fn = _Loss(model, loss)
-    intervention = _channel_zeroing.ChannelZeroing(resolved)
+    intervention = _channel_zeroing.ChannelZeroing(resolved, model)
     sums, progbar, done, offset, indices = None, None, 0, 0, None
     batch_count = math.ceil(count / batch_size)
     with _no_gradients(), intervention.active():
         for x_batch, y_batch, size in _batches(model, x, y, batch_size):
             x_batch = tree.map_structure(ops.convert_to_tensor, x_batch)
             intervention.zeroed = None
+            intervention.forget()
             outputs = loss_fn.forward(x_batch)
             if sums is None:
                 channels = _channel_zeroing.channel_counts(

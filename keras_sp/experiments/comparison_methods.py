@@ -8,9 +8,12 @@ initialised by the seed, and sees the same batches in the same order for a
 given seed.
 """
 
+import collections
 import dataclasses
+import hashlib
 
 import keras
+import numpy as np
 
 import keras_sp
 from keras_sp import feature_space
@@ -41,7 +44,8 @@ class Task:
         augment: random shifts and flips of the training images.
         delta_layers: the feature maps DELTA matches.
         delta_attention: DELTA's channel attention, from a linear probe
-            (one forward pass per channel and batch); False: every channel
+            (one pass through the layers downstream of each channel, per
+            batch of `ATTENTION_BATCH` images); False: every channel
             weighs 1.
     """
 
@@ -56,6 +60,34 @@ class Task:
     augment: bool = False
     delta_layers: tuple = ("relu2", "relu3")
     delta_attention: bool = True
+
+
+# Images per pass of DELTA's channel attention (their activations are kept
+# in memory during the pass).
+ATTENTION_BATCH = 256
+
+# Results shared between the runs of one process: DELTA's attention (for
+# DELTA and DELTA + L2-SP on the same images) and WiSE-FT's fine-tuned
+# weights (for every t of its grid on the same images).
+_SHARED = collections.OrderedDict()
+_SHARED_SIZE = 16
+
+
+def _shared(task, what, seed, x, y, compute):
+    """`compute()`, or its value from an earlier call with the same task,
+    `what`, seed and images in this process."""
+    digest = hashlib.sha1(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    key = (id(task), what, seed, digest.hexdigest())
+    if key in _SHARED:
+        _SHARED.move_to_end(key)
+        return _SHARED[key][1]
+    value = compute()
+    # The task is kept with the value so that its id is not reused.
+    _SHARED[key] = (task, value)
+    while len(_SHARED) > _SHARED_SIZE:
+        _SHARED.popitem(last=False)
+    return value
 
 
 def target_model(task, seed):
@@ -189,13 +221,22 @@ def wise_ft(task, params, seed, x, y):
     """WiSE-FT (`keras_sp.interpolate`): L2 fine-tuning at
     `params["alpha"]`, then every weight of the backbone (BatchNormalization
     statistics included) set to `(1 - t) w0 + t w_ft`, `t = params["t"]`;
-    the head keeps its fine-tuned values."""
+    the head keeps its fine-tuned values. The fine-tuning is shared by the
+    values of t (same alpha, seed and images) within a process."""
+    alpha = params["alpha"]
+
+    def fine_tuned():
+        model, _, head = target_model(task, seed)
+        keras_sp.regularize(
+            model, "l2", alpha=alpha, beta=task.beta, new_layers=[head]
+        )
+        _fit(task, model, x, y, seed, task.iterations, task.learning_rate)
+        return model.get_weights()
+
+    weights = _shared(task, ("wise_ft", alpha), seed, x, y, fine_tuned)
     model, backbone, head = target_model(task, seed)
     keras_sp.record_starting_point(model, new_layers=[head])
-    keras_sp.regularize(
-        model, "l2", alpha=params["alpha"], beta=task.beta, new_layers=[head]
-    )
-    _fit(task, model, x, y, seed, task.iterations, task.learning_rate)
+    model.set_weights(weights)
     keras_sp.interpolate(model, params["t"])
     return model, backbone
 
@@ -217,10 +258,14 @@ def _terms(name, task, params, seed, x, y):
     layers = list(task.delta_layers)
     if not task.delta_attention:
         return [feature_space.DELTA(layers=layers, alpha=params["alpha"])]
-    probed, _ = probe(task, {"beta": task.beta}, seed, x, y)
-    attention = transfer_statistics.channel_attention(
-        probed, x, y, layers, verbose=0
-    )
+
+    def attention():
+        probed, _ = probe(task, {"beta": task.beta}, seed, x, y)
+        return transfer_statistics.channel_attention(
+            probed, x, y, layers, batch_size=ATTENTION_BATCH, verbose=0
+        )
+
+    attention = _shared(task, "attention", seed, x, y, attention)
     scaled = {k: v * v.size for k, v in attention.items()}
     return [
         feature_space.DELTA(

@@ -1,5 +1,7 @@
 """The comparison runner: k-fold selection, matched seeds, paired intervals."""
 
+import collections
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +13,7 @@ from demo_test import tiny_fashion
 from scipy import stats
 
 import keras_sp
+from keras_sp import transfer_statistics as ts
 from keras_sp.experiments import compare
 from keras_sp.experiments import comparison_methods
 from keras_sp.experiments import comparison_settings
@@ -283,6 +286,47 @@ def test_wise_ft_interpolates_the_l2_run_of_the_same_seed(tiny_setting):
     assert compare._drift(half, half_backbone) == pytest.approx(
         0.3 * compare._drift(plain, backbone), rel=1e-5
     )
+
+
+def test_wise_ft_and_delta_share_their_expensive_parts(
+    tiny_setting, monkeypatch
+):
+    """The values of WiSE-FT's t share one fine-tuning (same alpha, seed and
+    images); DELTA and DELTA + L2-SP share one channel attention. Another
+    seed, other images or another alpha computes them again."""
+    task, x, y = tiny_task(tiny_setting, iterations=2)
+    task = dataclasses.replace(task, delta_layers=("relu3",))
+    counts = collections.Counter()
+    fit, attention = comparison_methods._fit, ts.channel_attention
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(comparison_methods, "_fit", counted("fit", fit))
+    monkeypatch.setattr(
+        ts, "channel_attention", counted("attention", attention)
+    )
+    wise_ft = comparison_methods.METHODS["wise_ft"][0]
+    for t in (0.5, 0.9, 1.0):
+        wise_ft(task, {"alpha": 0.01, "t": t}, 0, x, y)
+    assert counts["fit"] == 1
+    wise_ft(task, {"alpha": 0.01, "t": 0.5}, 1, x, y)
+    wise_ft(task, {"alpha": 0.1, "t": 0.5}, 0, x, y)
+    wise_ft(task, {"alpha": 0.01, "t": 0.5}, 0, x[:-5], y[:-5])
+    assert counts["fit"] == 4
+    counts.clear()
+    delta = comparison_methods.METHODS["delta"][0]
+    delta_l2_sp = comparison_methods.METHODS["delta_l2_sp"][0]
+    delta(task, {"alpha": 0.01}, 0, x, y)
+    delta_l2_sp(task, {"alpha": 0.01, "sp_alpha": 0.01}, 0, x, y)
+    # One probe for the attention, then the two fine-tunings.
+    assert counts == {"attention": 1, "fit": 3}
+    delta(task, {"alpha": 0.01}, 1, x, y)
+    assert counts == {"attention": 2, "fit": 5}
 
 
 def test_the_proximal_methods_put_weights_exactly_at_w0(tiny_setting):

@@ -164,6 +164,85 @@ def test_channel_attention_equals_brute_force(normalize, batch_size):
     assert np.ptp(raw) > 1e-2
 
 
+def _residual(rng):
+    """x -> Dense(4, relu) 'd1' -> Dense(4, relu) 'd2'; Add(d1, d2) ->
+    Dense(3) 'head': zeroing a channel of 'd2' changes one branch of the
+    sum, zeroing one of 'd1' changes both."""
+    inputs = keras.Input((5,))
+    d1 = keras.layers.Dense(4, activation="relu", name="d1")(inputs)
+    d2 = keras.layers.Dense(4, activation="relu", name="d2")(d1)
+    total = keras.layers.Add(name="add")([d1, d2])
+    outputs = keras.layers.Dense(CLASSES, name="head")(total)
+    model = keras.Model(inputs, outputs)
+    for variable in model.weights:
+        value = rng.normal(0.0, 0.9, tuple(variable.shape))
+        variable.assign(value.astype("float32"))
+    return model
+
+
+def _numpy_residual(model, x, zero=None):
+    w = {v.path: to_numpy(v).astype("float64") for v in model.weights}
+
+    def dense(name, h, relu=True):
+        out = h @ w[f"{name}/kernel"] + w[f"{name}/bias"]
+        out = np.maximum(out, 0.0) if relu else out
+        if zero is not None and zero[0] == name:
+            out[:, zero[1]] = 0.0
+        return out
+
+    d1 = dense("d1", x.astype("float64"))
+    d2 = dense("d2", d1)
+    return dense("head", d1 + d2, relu=False)
+
+
+def test_channel_attention_with_a_skip_connection_equals_brute_force():
+    # The outputs kept from the pass with nothing zeroed (the upstream
+    # branch of the sum) are reused only where the inputs did not change.
+    rng = np.random.default_rng(3)
+    model = _residual(rng)
+    x = rng.normal(size=(EXAMPLES, 5)).astype("float32")
+    y = np.arange(EXAMPLES) % CLASSES
+    attention = ts.channel_attention(
+        model, x, y, ["d1", "d2"], normalize=None, batch_size=4, verbose=0
+    )
+    base = _cross_entropy(_numpy_residual(model, x), y)
+    for name in ("d1", "d2"):
+        expected = [
+            _cross_entropy(_numpy_residual(model, x, (name, j)), y) - base
+            for j in range(4)
+        ]
+        np.testing.assert_allclose(attention[name], expected, atol=TOLERANCE)
+
+
+class _CountingIdentity(keras.layers.Layer):
+    calls = 0
+
+    def call(self, inputs):
+        type(self).calls += 1
+        return inputs
+
+
+def test_layers_upstream_of_the_zeroed_one_run_once_per_batch():
+    # Only what lies downstream of the zeroed layer is recomputed: the
+    # layer before it runs once per batch, not once per batch and channel.
+    rng = np.random.default_rng(4)
+    backbone = _build_backbone(rng)
+    inputs = keras.Input((5, 5, 2))
+    counted = _CountingIdentity(name="counted")(inputs)
+    model = keras.Model(inputs, _build_head(rng)(backbone(counted)))
+    x, y = _data(rng)
+    _CountingIdentity.calls = 0
+    attention = ts.channel_attention(
+        model, x, y, ["hidden"], normalize=None, batch_size=3, verbose=0
+    )
+    assert _CountingIdentity.calls == 4  # ceil(10 / 3) batches
+    np.testing.assert_allclose(
+        attention["hidden"],
+        _brute_force(model, x, y, "hidden", 4, None),
+        atol=TOLERANCE,
+    )
+
+
 def test_reference_normalization_is_the_public_code_formula():
     """softmax(z / 5) of the standardised increases is not softmax(d)."""
     rng = np.random.default_rng(0)
