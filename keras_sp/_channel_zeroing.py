@@ -23,6 +23,7 @@ overhead).
 
 import contextlib
 import difflib
+import functools
 import threading
 
 import keras
@@ -201,12 +202,11 @@ class ChannelZeroing:
         with _CALL_LOCK:
             replaced = []
             wrapped = [
-                (layer, lambda original, i=i: self._wrap(i, original))
-                for i, layer in enumerate(self.layers)
-            ] + [
-                (layer, lambda original, layer=layer: self._wrap_reused(
-                    layer, original
-                ))
+                (layer, functools.partial(self._wrap, index))
+                for index, layer in enumerate(self.layers)
+            ]
+            wrapped += [
+                (layer, functools.partial(self._wrap_reused, layer))
                 for layer in self.reused
             ]
             try:

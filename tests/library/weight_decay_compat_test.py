@@ -60,9 +60,7 @@ def test_model_saved_with_old_name_loads_with_a_deprecation_warning(tmp_path):
     np.testing.assert_allclose(float(regularizer(kernel)), expected, rtol=1e-6)
     x = np.random.default_rng(1).normal(size=(2, 4)).astype("float32")
     loaded(x)
-    np.testing.assert_allclose(
-        total(loaded.losses), expected, rtol=1e-6
-    )
+    np.testing.assert_allclose(total(loaded.losses), expected, rtol=1e-6)
 
 
 def test_old_name_warns_and_equals_weight_decay():
