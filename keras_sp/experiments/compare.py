@@ -20,7 +20,8 @@ difference to L2 fine-tuning with its 95 % interval, the relative drift
 to L2 the table can detect. The baselines a user compares against are
 always run: the linear probe (`probe`) and L2 fine-tuning (`l2`). With
 several `per_class` values, `regime_map.png` plots each method's gain over
-L2 against the number of images per class.
+L2 against the number of images per class, and `regime_map.md` gives its
+numbers.
 """
 
 import dataclasses
@@ -77,8 +78,8 @@ class CompareConfig:
         augment: random 2-px shifts and horizontal flips of the training
             images.
         delta_attention: DELTA's channel attention from a linear probe
-            (one forward pass per channel and batch: slow for MobileNet's
-            1024-channel maps); False gives every channel weight 1.
+            (for each channel, a pass through the layers downstream of
+            it); False gives every channel weight 1.
         input_size: side of MobileNet's inputs (`mobilenet`).
         test_per_class: test images per class (None: all of them).
         pretrain_epochs: epochs of the source model's training (`fashion`).
@@ -112,9 +113,9 @@ class CompareConfig:
                 "finetune_learning_rate": [1e-3, 1e-2],
                 "sp_alpha": [1e-2],
             },
-            "wise_ft": {"alpha": [1e-2], "t": [0.5, 0.7, 0.9]},
-            "delta": {"alpha": [1e-2, 1e-1]},
-            "delta_l2_sp": {"alpha": [1e-2], "sp_alpha": [1e-2]},
+            "wise_ft": {"alpha": [1e-2], "t": [0.5, 0.7, 0.9, 1.0]},
+            "delta": {"alpha": [1e-4, 1e-3, 1e-2]},
+            "delta_l2_sp": {"alpha": [1e-4, 1e-3, 1e-2], "sp_alpha": [1e-2]},
             "bss": {"eta": [1e-3, 1e-2]},
             "lwf": {"weight": [0.1, 1.0]},
             "co_tuning": {"weight": [0.23, 2.3]},
@@ -282,7 +283,6 @@ class _Runs:
         grid = self.config.grids[method]
         points = _points(grid)
         if len(points) == 1:
-            self.progress.add(0)
             return points[0], None
         x, y = self.data["x"], self.data["y"]
         scores = []
@@ -375,18 +375,13 @@ def format_table(rows, per_class, test_images, seeds):
         "one run's accuracy at L2's mean: "
         f"{100 * np.sqrt(p * (1 - p) / test_images):.2f} points).",
         "",
-        "| method | chosen by CV | accuracy % | vs L2 (95 % CI) | "
+        "| method | hyper-parameters | accuracy % | vs L2 (95 % CI) | "
         "detectable | drift | at w0: weights / channels |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         d = row["difference_to_l2"]
-        versus = (
-            "—"
-            if row["method"] == "l2"
-            else f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, "
-            f"{100 * d['high']:+.2f}]"
-        )
+        versus = "—" if row["method"] == "l2" else _interval(d)
         detectable = (
             "—" if row["method"] == "l2" else f"{100 * row['detectable']:.2f}"
         )
@@ -397,8 +392,10 @@ def format_table(rows, per_class, test_images, seeds):
         if row.get("at_w0") is not None:
             weights, channels = row["at_w0"]
             at_w0 = f"{100 * weights:.1f} % / {100 * channels:.1f} %"
+        chosen = _label(row["params"]) or "—"
+        chosen += " (fixed)" if row["cv_accuracy"] is None else " (CV)"
         lines.append(
-            f"| {row['method']} | {_label(row['params']) or '—'} | "
+            f"| {row['method']} | {chosen} | "
             f"{100 * row['accuracy_mean']:.2f} ± "
             f"{100 * row['accuracy_std']:.2f}{diverged} | {versus} | "
             f"{detectable} | "
@@ -406,6 +403,8 @@ def format_table(rows, per_class, test_images, seeds):
         )
     lines += [
         "",
+        "Hyper-parameters: chosen by k-fold cross-validation on the "
+        "training images (CV), or the grid's single value (fixed). "
         "vs L2: mean of the per-seed differences to L2 fine-tuning, in "
         "points, with its Student-t 95 % interval. Detectable: the "
         "difference a paired t-test at 5 % finds with 80 % power, given the "
@@ -415,6 +414,47 @@ def format_table(rows, per_class, test_images, seeds):
         "point (L1-SP and GL-SP kinds).",
     ]
     return "\n".join(lines)
+
+
+def _interval(difference):
+    return (
+        f"{100 * difference['mean']:+.2f} [{100 * difference['low']:+.2f}, "
+        f"{100 * difference['high']:+.2f}]"
+    )
+
+
+def format_regime_table(summaries, seeds):
+    """The regime map as a Markdown table: L2's accuracy, then each
+    method's paired difference to L2 (95 % interval) and the chosen
+    hyper-parameters, one column per number of training images per
+    class."""
+    sizes = sorted(summaries)
+    methods = list(summaries[sizes[0]])
+    header = " | ".join(f"{n} per class" for n in sizes)
+    lines = [
+        "### Gain over L2 fine-tuning, by training images per class",
+        "",
+        f"Points of test accuracy, mean of {seeds} matched seeds with the "
+        "Student-t 95 % interval of the paired differences; under it, the "
+        "hyper-parameters each size chose.",
+        "",
+        f"| method | {header} |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for method in methods:
+        rows = [summaries[n][method] for n in sizes]
+        if method == "l2":
+            cells = [
+                f"{100 * r['accuracy_mean']:.2f} ± "
+                f"{100 * r['accuracy_std']:.2f} % (accuracy)"
+                for r in rows
+            ]
+        else:
+            cells = [_interval(r["difference_to_l2"]) for r in rows]
+        params = [_label(r["params"]) or "—" for r in rows]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("| | " + " | ".join(params) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_regime_map(summaries, path):
@@ -452,9 +492,28 @@ def plot_regime_map(summaries, path):
     plt.close(figure)
 
 
+def make_task(config, setting):
+    """The `Task` every run of the comparison `config` shares, on the
+    loaded `setting`."""
+    return Task(
+        source=setting.source,
+        num_classes=setting.num_classes,
+        iterations=config.iterations,
+        probe_iterations=config.probe_iterations,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        beta=config.beta,
+        warmup_iterations=config.warmup_iterations,
+        augment=config.augment,
+        delta_layers=setting.delta_layers,
+        delta_attention=config.delta_attention,
+    )
+
+
 def run_compare(config, out, verbose=1, report_only=False):
     """Runs the comparison, writes `results.json`, `table.md` (and
-    `regime_map.png` for several `per_class`) under `out`.
+    `regime_map.png` and `regime_map.md` for several `per_class`) under
+    `out`.
 
     Args:
         config: a `CompareConfig`.
@@ -473,19 +532,7 @@ def run_compare(config, out, verbose=1, report_only=False):
         log(f"Source model: test accuracy {setting.source_accuracy:.3f}")
     data = setting.data
     y, y_t = data["y"], data["y_test"]
-    task = Task(
-        source=setting.source,
-        num_classes=setting.num_classes,
-        iterations=config.iterations,
-        probe_iterations=config.probe_iterations,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        beta=config.beta,
-        warmup_iterations=config.warmup_iterations,
-        augment=config.augment,
-        delta_layers=setting.delta_layers,
-        delta_attention=config.delta_attention,
-    )
+    task = make_task(config, setting)
     # What a run's key does not name: a later call with more methods, seeds
     # or sizes (or other grids) reuses the runs it shares with this one.
     settings = {
@@ -528,6 +575,10 @@ def run_compare(config, out, verbose=1, report_only=False):
     write_text(os.path.join(out, "table.md"), text)
     if len(config.per_class) > 1:
         plot_regime_map(summaries, os.path.join(out, "regime_map.png"))
+        write_text(
+            os.path.join(out, "regime_map.md"),
+            format_regime_table(summaries, len(config.seeds)),
+        )
     log("")
     log(text)
     return summaries

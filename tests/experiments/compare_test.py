@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -166,8 +167,24 @@ def test_compare_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
     with open(os.path.join(out, "table.md")) as handle:
         table = handle.read()
     assert "### 4 training images per class" in table
-    assert "| l2_sp | alpha=0.01 |" in table
+    assert "| l2_sp | alpha=0.01 (fixed) |" in table
+    assert f"| l2 | alpha={summaries[4]['l2']['params']['alpha']:g} (CV) |" in (
+        table
+    )
     assert os.path.exists(os.path.join(out, "regime_map.png"))
+    with open(os.path.join(out, "regime_map.md")) as handle:
+        regime = handle.read().splitlines()
+    assert "| method | 4 per class | 6 per class |" in regime
+    # Each method's row: the paired differences to L2 of the summaries.
+    row = next(line for line in regime if line.startswith("| probe |"))
+    cells = row.strip("| ").split(" | ")[1:]
+    for per_class, cell in zip((4, 6), cells, strict=True):
+        d = summaries[per_class]["probe"]["difference_to_l2"]
+        mean, low, high = (float(v) for v in re.findall(r"[-+]\d+\.\d+", cell))
+        assert mean == pytest.approx(100 * d["mean"], abs=0.005)
+        assert (low, high) == pytest.approx(
+            (100 * d["low"], 100 * d["high"]), abs=0.005
+        )
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -182,6 +199,7 @@ def test_compare_end_to_end_and_resume(tiny_setting, tmp_path, monkeypatch):
     shutil.copy(os.path.join(out, "results.json"), copy / "results.json")
     compare.run_compare(config, str(copy), verbose=0, report_only=True)
     assert (copy / "table.md").read_text() == table
+    assert (copy / "regime_map.md").read_text().splitlines() == regime
     config.seeds = [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="report-only.*seed=3"):
         compare.run_compare(config, str(copy), verbose=0, report_only=True)

@@ -10,6 +10,7 @@ version that drew them.
 """
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -77,8 +78,16 @@ def compare_results():
 
 
 def test_the_committed_comparisons_are_found():
-    # The write-up (docs/results/compare/README.md) includes both tables.
-    assert sorted(compare_results()) == ["fashion", "mobilenet"]
+    # The write-up (docs/results/compare/README.md) includes both tables;
+    # "Which method, when" (docs/guides/which-method.md) both regime maps.
+    assert sorted(compare_results()) == [
+        "fashion",
+        "fashion_regime",
+        "mobilenet",
+        "mobilenet_regime",
+    ]
+    for name in ("fashion_regime", "mobilenet_regime"):
+        assert (compare_results()[name] / "regime_map.md").exists()
 
 
 @pytest.mark.parametrize("name", sorted(compare_results()))
@@ -88,9 +97,28 @@ def test_compare_report_only_writes_the_committed_table(name, tmp_path):
     shutil.copy(folder / "results.json", tmp_path / "results.json")
     argv = ["compare", "--config", str(folder / "config.json")]
     assert cli.main([*argv, "--out", str(tmp_path), "--report-only"]) == 0
-    assert (tmp_path / "table.md").read_bytes() == (
-        folder / "table.md"
-    ).read_bytes()
+    for table in ("table.md", "regime_map.md"):
+        assert (tmp_path / table).exists() == (folder / table).exists()
+        if (folder / table).exists():
+            expected = (folder / table).read_bytes()
+            assert (tmp_path / table).read_bytes() == expected, table
     assert (tmp_path / "results.json").read_bytes() == (
         folder / "results.json"
     ).read_bytes()
+
+
+def test_which_method_page_numbers_come_from_the_committed_tables():
+    """Every number with two decimals in "Which method, when" (a mean, an
+    interval end, an accuracy) is printed in a committed comparison table
+    or regime map, which `--report-only` rebuilds from results.json."""
+    page = (ROOT / "docs" / "guides" / "which-method.md").read_text()
+    tables = "".join(
+        (folder / name).read_text()
+        for folder in compare_results().values()
+        for name in ("table.md", "regime_map.md")
+        if (folder / name).exists()
+    )
+    numbers = re.findall(r"[-+]?\d+\.\d{2}\b", page.replace("\u2212", "-"))
+    assert len(numbers) > 10
+    missing = sorted({n for n in numbers if n not in tables})
+    assert not missing, missing
