@@ -5,7 +5,8 @@ A tiny experiment (three kinds of Li, Grandvalet & Davoine, ICML 2018:
 L2, L2-SP of eq. 2 and L2-SP-Fisher of eq. 4, a freezing run of Figure 3,
 R² of Figure 4, the source-task drop of Table 3) runs in a subprocess
 (`run_finetune_devices.py`) with each setting. Every number of every run
-agrees within 1e-3 relative, and the settings stored in `results.json` are
+agrees within 1e-3 relative (R², a fraction that can sit near 0,
+within 1e-3 absolute), and the settings stored in `results.json` are
 the same. The control, per-replica BatchNormalization statistics under the
 same strategy, differs by far more: the comparison can tell them apart.
 """
@@ -73,8 +74,11 @@ def differences(one, other):
             received = other_values[path]
             if isinstance(value, float) or isinstance(received, float):
                 # R² is stored rounded to 4 decimals: one step is allowed.
-                step = 1e-4 if path.startswith("/r2[") else 0.0
-                scale = abs(value) if value else 1.0
+                # It is a fraction in [0, 1] that can sit near 0, where a
+                # relative difference means nothing: compared absolutely.
+                r2 = path.startswith("/r2[")
+                step = 1e-4 if r2 else 0.0
+                scale = abs(value) if value and not r2 else 1.0
                 difference = max(abs(received - value) - step, 0.0)
                 found[key + path] = difference / scale
             elif path != "/correct/bits":
