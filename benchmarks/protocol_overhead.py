@@ -8,7 +8,8 @@ the same code the runner uses, timing each part, and reports per run:
 
 - **bare steps**: the median wall-clock time of one train step (the
   second and later steps, timed by a callback) times the number of steps;
-- **run**: the whole run, as the runner's `seconds` records it;
+- **run**: training, evaluation on every test image and drift, as the
+  runner times a run (without its results-file write);
 - **overhead ratio**: run / bare steps, and where the rest goes (setup
   before `fit`, the first step's tracing, evaluation, drift).
 

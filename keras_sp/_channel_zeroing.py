@@ -146,8 +146,7 @@ class ChannelZeroing:
             self.reused = [
                 layer
                 for layer in _keras_private.all_layers(model)
-                if not any(layer is item for item in layers)
-                and not _contains(layer, layers)
+                if not _contains(layer, layers)
             ]
         self.forget()
 
