@@ -24,6 +24,7 @@ The `mobilenet` setting needs the converted weights (`make mobilenet`).
 """
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -57,6 +58,25 @@ class StepTimes(keras.callbacks.Callback):
         self.steps.append(time.perf_counter() - self._started)
 
 
+class CollectorTime:
+    """Wall-clock time spent in Python's garbage collector."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._started = None
+        gc.callbacks.append(self)
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total += time.perf_counter() - self._started
+            self._started = None
+
+
+COLLECTOR = CollectorTime()
+
+
 def timed_run(task, method, params, seed, x, y, test):
     """One run as `compare` does it, with the time of each part."""
     timer = StepTimes()
@@ -67,6 +87,7 @@ def timed_run(task, method, params, seed, x, y, test):
 
     training.fine_tune = fine_tune
     try:
+        collected = COLLECTOR.total
         started = time.perf_counter()
         model, backbone = comparison_methods.METHODS[method][0](
             task, params, seed, x, y
@@ -87,6 +108,7 @@ def timed_run(task, method, params, seed, x, y, test):
         "fit rest": trained - timer.fit_started - sum(timer.steps),
         "evaluation": evaluated - trained,
         "drift": finished - evaluated,
+        "garbage collector": COLLECTOR.total - collected,
         "median step (ms)": 1000 * steady,
         "steps": len(timer.steps),
     }
@@ -132,8 +154,9 @@ def main():
         "(seconds, median over runs)"
     )
     for key in rows[0]:
-        value = statistics.median(row[key] for row in rows)
-        print(f"  {key:>18}: {value:8.2f}")
+        values = [row[key] for row in rows]
+        each = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {key:>18}: {statistics.median(values):8.2f}  ({each})")
     ratios = [row["run"] / row["bare steps"] for row in rows]
     print(
         "  overhead ratio (run / bare steps): "

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sp.experiments import fashion_source
+from keras_sp.experiments import training
 from keras_sp.experiments.data import load_fashion_mnist
 
 __all__ = [
@@ -155,4 +156,4 @@ def augmented_dataset(x, y, batch_size, seed, shift=2):
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.repeat().enumerate().map(augment)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return training.light_pipeline(dataset.batch(batch_size))

@@ -2,8 +2,10 @@
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_sp.experiments import comparison_settings
+from keras_sp.experiments import training
 from keras_sp.experiments.data import mobilenet_inputs
 
 
@@ -55,3 +57,38 @@ def test_augmentation_shifts_and_flips_each_image_and_is_seeded():
             assert any((image == c).all() for c in candidates)
             moved += not (image == x[label]).all()
     assert moved > 0
+
+
+def test_the_few_shot_pipelines_run_without_the_autotuner():
+    """Both training pipelines of the comparison turn tf.data's autotuner
+    off (its thread makes each iterator's teardown wait) and yield the
+    batches the same pipeline yields with it: the same seeded shuffle of
+    every image once per epoch."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 4, 4, 1)).astype("float32")
+    y = np.arange(10)
+    light = training.training_dataset(x, y, 5, seed=7)
+    assert light.options().autotune.enabled is False
+    augmented = comparison_settings.augmented_dataset(x, y, 5, seed=7)
+    assert augmented.options().autotune.enabled is False
+    tuned = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(10, seed=7, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(5)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    assert tuned.options().autotune.enabled is not False
+    got = [(a.numpy(), b.numpy()) for a, b in light.take(6)]
+    expected = [(a.numpy(), b.numpy()) for a, b in tuned.take(6)]
+    for (a, b), (c, d) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    # Every epoch (2 batches) holds each image once.
+    for epoch in range(3):
+        labels = np.concatenate([got[2 * epoch][1], got[2 * epoch + 1][1]])
+        assert sorted(labels) == list(range(10))
+        np.testing.assert_array_equal(
+            np.concatenate([got[2 * epoch][0], got[2 * epoch + 1][0]]),
+            x[labels],
+        )
