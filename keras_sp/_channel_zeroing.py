@@ -24,7 +24,6 @@ overhead).
 import contextlib
 import difflib
 import functools
-import threading
 
 import keras
 import numpy as np
@@ -34,10 +33,6 @@ from keras import tree
 from keras_sp import _keras_private
 
 __all__ = ["ChannelZeroing", "channel_counts", "resolve_layers"]
-
-# Replacing a layer's call for the duration of a pass is not thread-safe by
-# itself.
-_CALL_LOCK = threading.RLock()
 
 
 def resolve_layers(model, layers):
@@ -198,35 +193,29 @@ class ChannelZeroing:
 
     @contextlib.contextmanager
     def active(self):
-        with _CALL_LOCK:
-            replaced = []
-            wrapped = [
-                (layer, functools.partial(self._wrap, index))
-                for index, layer in enumerate(self.layers)
-            ]
-            wrapped += [
-                (layer, functools.partial(self._wrap_reused, layer))
-                for layer in self.reused
-            ]
-            try:
-                for layer, wrap in wrapped:
-                    name = "call"
-                    if getattr(layer, "quantization_mode", None) is not None:
-                        name = "quantized_call"
-                    had = name in layer.__dict__
-                    original = getattr(layer, name)
-                    replaced.append(
-                        (layer, name, had, layer.__dict__.get(name))
-                    )
-                    layer.__dict__[name] = wrap(original)
+        wrapped = [
+            (layer, functools.partial(self._wrap, index))
+            for index, layer in enumerate(self.layers)
+        ]
+        wrapped += [
+            (layer, functools.partial(self._wrap_reused, layer))
+            for layer in self.reused
+        ]
+        replacements = [
+            (
+                layer,
+                "call"
+                if getattr(layer, "quantization_mode", None) is None
+                else "quantized_call",
+                wrap,
+            )
+            for layer, wrap in wrapped
+        ]
+        try:
+            with _keras_private.overridden(replacements):
                 yield
-            finally:
-                self.forget()
-                for layer, name, had, previous in reversed(replaced):
-                    if had:
-                        layer.__dict__[name] = previous
-                    else:
-                        del layer.__dict__[name]
+        finally:
+            self.forget()
 
 
 def channel_counts(layers, shapes):

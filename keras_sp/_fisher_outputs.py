@@ -17,12 +17,13 @@ Backend-neutral (`keras.ops` only). Two things live here:
 
 import contextlib
 import inspect
-import threading
 
 import keras
 import numpy as np
 from keras import ops
 from keras import tree
+
+from keras_sp import _keras_private
 
 __all__ = [
     "Outputs",
@@ -39,10 +40,6 @@ PROBABILITY_EPSILON = 1e-7
 
 # Tolerance on the row sums of outputs that are taken as probabilities.
 _PROBABILITY_TOLERANCE = 1e-3
-
-# Replacing a layer's softmax for the duration of one call is not
-# thread-safe by itself.
-_SWAP_LOCK = threading.RLock()
 
 
 def inference_arguments(model):
@@ -102,17 +99,8 @@ def _without_softmax(layer):
     """`layer` computes its logits (no final softmax) inside the block."""
     name = "call" if isinstance(layer, keras.layers.Softmax) else "activation"
     replacement = _identity_call if name == "call" else keras.activations.linear
-    with _SWAP_LOCK:
-        had = name in layer.__dict__
-        original = layer.__dict__.get(name)
-        layer.__dict__[name] = replacement
-        try:
-            yield
-        finally:
-            if had:
-                layer.__dict__[name] = original
-            else:
-                del layer.__dict__[name]
+    with _keras_private.overridden([(layer, name, lambda _: replacement)]):
+        yield
 
 
 class Outputs:

@@ -6,6 +6,7 @@ these helpers rely on.
 """
 
 import contextlib
+import threading
 
 import keras
 from keras.src.models.functional import Functional
@@ -20,6 +21,7 @@ __all__ = [
     "optimizer_variables",
     "own_trainable_variables",
     "own_variables",
+    "overridden",
     "pfor_converter_registry",
     "pfor_wrap",
     "recorded_calls",
@@ -258,6 +260,37 @@ def run_in_inference_mode(layer):
 
     layer.call = call_in_inference_mode
     layer.__dict__[_INFERENCE_CALL] = True
+
+
+# Replacing attributes of layer instances is not thread-safe by itself.
+_OVERRIDE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def overridden(replacements):
+    """Inside the block, each `(layer, name, replace)` of `replacements`
+    sets `layer.<name>` on the instance to `replace(current value)`; on
+    exit every layer gets back exactly what its instance held.
+
+    `Layer.__call__` looks `call` (or `quantized_call`, and a layer's
+    `activation`) up on the instance first, so this changes what one layer
+    computes for the duration of a pass, without touching its class, its
+    config or its variables. Public Keras has no hook for it.
+    """
+    with _OVERRIDE_LOCK:
+        saved = []
+        try:
+            for layer, name, replace in replacements:
+                had = name in layer.__dict__
+                saved.append((layer, name, had, layer.__dict__.get(name)))
+                layer.__dict__[name] = replace(getattr(layer, name))
+            yield
+        finally:
+            for layer, name, had, previous in reversed(saved):
+                if had:
+                    layer.__dict__[name] = previous
+                else:
+                    layer.__dict__.pop(name, None)
 
 
 def restore_call(layer):

@@ -171,6 +171,34 @@ def test_batchnorm_call_replaced_on_the_instance_runs_in_inference_mode():
     np.testing.assert_allclose(out, batch, rtol=1e-5)
 
 
+def test_overridden_changes_what_a_layer_computes_inside_the_block_only():
+    """A `call` set on the instance is what `Layer.__call__` runs; after
+    the block (also when it raises) the layer computes as before, and a
+    replacement the instance already held is kept."""
+    layer = keras.layers.Dense(2, kernel_initializer="ones")
+    x = np.ones((1, 3), "float32")
+    before = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(before, [[3.0, 3.0]])
+    doubled = [(layer, "call", lambda call: lambda *a, **k: 2 * call(*a, **k))]
+    with _keras_private.overridden(doubled):
+        inside = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(inside, [[6.0, 6.0]])
+    assert "call" not in layer.__dict__
+    with pytest.raises(RuntimeError, match="inside"):
+        with _keras_private.overridden(doubled):
+            raise RuntimeError("inside")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), before)
+    # Nested: the inner replacement wraps the outer one, and each exit
+    # restores what the instance held before it.
+    with _keras_private.overridden(doubled):
+        with _keras_private.overridden(doubled):
+            nested = keras.ops.convert_to_numpy(layer(x))
+        outer = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(nested, [[12.0, 12.0]])
+    np.testing.assert_allclose(outer, [[6.0, 6.0]])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), before)
+
+
 def test_pfor_converter_registry_and_wrap():
     import tensorflow as tf
     from tensorflow.python.ops.parallel_for import pfor
