@@ -24,6 +24,7 @@ The `mobilenet` setting needs the converted weights (`make mobilenet`).
 """
 
 import argparse
+import dataclasses
 import gc
 import os
 import statistics
@@ -35,7 +36,6 @@ import keras  # noqa: E402
 
 from keras_sp.experiments import compare  # noqa: E402
 from keras_sp.experiments import comparison_methods  # noqa: E402
-from keras_sp.experiments import training  # noqa: E402
 from keras_sp.experiments.config import load_config  # noqa: E402
 from keras_sp.experiments.data import few_shot  # noqa: E402
 
@@ -80,25 +80,17 @@ COLLECTOR = CollectorTime()
 def timed_run(task, method, params, seed, x, y, test):
     """One run as `compare` does it, with the time of each part."""
     timer = StepTimes()
-    original = training.fine_tune
-
-    def fine_tune(*args, callbacks=(), **kwargs):
-        return original(*args, callbacks=[*callbacks, timer], **kwargs)
-
-    training.fine_tune = fine_tune
-    try:
-        collected = COLLECTOR.total
-        started = time.perf_counter()
-        model, backbone = comparison_methods.METHODS[method][0](
-            task, params, seed, x, y
-        )
-        trained = time.perf_counter()
-        compare._evaluate(model, *test)
-        evaluated = time.perf_counter()
-        compare._drift(model, backbone)
-        finished = time.perf_counter()
-    finally:
-        training.fine_tune = original
+    task = dataclasses.replace(task, callbacks=(timer,))
+    collected = COLLECTOR.total
+    started = time.perf_counter()
+    model, backbone = comparison_methods.METHODS[method][0](
+        task, params, seed, x, y
+    )
+    trained = time.perf_counter()
+    compare._evaluate(model, *test)
+    evaluated = time.perf_counter()
+    compare._drift(model, backbone)
+    finished = time.perf_counter()
     steady = statistics.median(timer.steps[1:])
     return {
         "run": finished - started,

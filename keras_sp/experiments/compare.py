@@ -25,6 +25,7 @@ numbers.
 """
 
 import dataclasses
+import math
 import os
 import time
 
@@ -73,6 +74,11 @@ class CompareConfig:
         beta: L2 strength on the new head of the fine-tuned methods.
         iterations: SGD steps per fine-tuning run.
         probe_iterations: SGD steps of the linear probe's head.
+        min_epochs: at least this many passes over a run's training
+            images: a run takes `max(iterations, ceil(min_epochs * images
+            / batch_size))` steps (its probe the same with
+            `probe_iterations`), so larger training sets get longer
+            schedules; 0 (default): the fixed numbers of steps.
         batch_size: batch size.
         learning_rate: initial learning rate (divided by 10 after 2/3).
         warmup_iterations: steps of linear learning-rate warm-up.
@@ -115,8 +121,8 @@ class CompareConfig:
                 "sp_alpha": [1e-2],
             },
             "wise_ft": {"alpha": [1e-2], "t": [0.5, 0.7, 0.9, 1.0]},
-            "delta": {"alpha": [1e-4, 1e-3, 1e-2]},
-            "delta_l2_sp": {"alpha": [1e-4, 1e-3, 1e-2], "sp_alpha": [1e-2]},
+            "delta": {"alpha": [1e-3, 1e-2, 1e-1]},
+            "delta_l2_sp": {"alpha": [1e-3, 1e-2, 1e-1], "sp_alpha": [1e-2]},
             "bss": {"eta": [1e-3, 1e-2]},
             "lwf": {"weight": [0.1, 1.0]},
             "co_tuning": {"weight": [0.23, 2.3]},
@@ -125,6 +131,7 @@ class CompareConfig:
     beta: float = 0.01
     iterations: int = 300
     probe_iterations: int = 600
+    min_epochs: float = 0.0
     batch_size: int = 32
     learning_rate: float = 0.01
     warmup_iterations: int = 0
@@ -176,6 +183,11 @@ class CompareConfig:
                             f"Config key 'grids.{method}.{name}' must hold "
                             f"non-negative numbers. Received: {value!r}"
                         )
+        if self.min_epochs < 0:
+            raise ConfigError(
+                "Config key 'min_epochs' must be 0 or more. Received: "
+                f"min_epochs={self.min_epochs}"
+            )
         if self.test_per_class is not None and self.test_per_class < 1:
             raise ConfigError(
                 "Config key 'test_per_class' must be positive or null. "
@@ -232,6 +244,7 @@ class _Runs:
         self.report_only = report_only
         self.config = config
         self.task = task
+        self.tasks = {}
         self.data = data
         self.results = results
         self.progress = progress
@@ -249,7 +262,7 @@ class _Runs:
             record = {"key": key, "method": method, "seed": seed, **params}
             try:
                 model, backbone = function(
-                    self.task, params, seed, x[train], y[train]
+                    self.task_for(len(train)), params, seed, x[train], y[train]
                 )
             except FloatingPointError:
                 # The loss became NaN or infinite: the run scores chance
@@ -274,6 +287,21 @@ class _Runs:
             self.results.append(record)
         self.progress.add(1)
         return self.results.get(key)
+
+    def task_for(self, images):
+        """The task of a run on `images` training images: at least
+        `config.min_epochs` passes over them. One object per size, so the
+        runs on it share what `comparison_methods` computes once."""
+        if images not in self.tasks:
+            steps = math.ceil(
+                self.config.min_epochs * images / self.config.batch_size
+            )
+            self.tasks[images] = dataclasses.replace(
+                self.task,
+                iterations=max(self.task.iterations, steps),
+                probe_iterations=max(self.task.probe_iterations, steps),
+            )
+        return self.tasks[images]
 
     def choose(self, method, per_class, draws):
         """The grid point with the best mean cross-validated accuracy."""
@@ -410,6 +438,10 @@ def run_compare(config, out, verbose=1, report_only=False):
         for k, v in dataclasses.asdict(config).items()
         if k not in ("methods", "per_class", "seeds", "cv_seeds", "grids")
     }
+    if not config.min_epochs:
+        # Fixed schedules are stored as no key: results files written
+        # before the key existed still match.
+        del settings["min_epochs"]
     results = ResultsFile(os.path.join(out, "results.json"), settings)
     methods = config.compared()
     cv_runs = sum(

@@ -47,6 +47,8 @@ class Task:
             (one pass through the layers downstream of each channel, per
             batch of `ATTENTION_BATCH` images); False: every channel
             weighs 1.
+        callbacks: Keras callbacks given to every `fit` of a run (e.g.
+            timers), beside the runner's own.
     """
 
     source: keras.Model
@@ -60,6 +62,7 @@ class Task:
     augment: bool = False
     delta_layers: tuple = ("relu2", "relu3")
     delta_attention: bool = True
+    callbacks: tuple = ()
 
 
 # Images per pass of DELTA's channel attention (their activations are kept
@@ -128,6 +131,7 @@ def _fit(task, model, x, y, seed, iterations, learning_rate, proximal=False):
         learning_rate=learning_rate,
         warmup_iterations=task.warmup_iterations,
         proximal=proximal,
+        callbacks=task.callbacks,
     )
 
 
@@ -201,6 +205,7 @@ def lp_ft(kind):
             _dataset(task, x, y, seed),
             steps_per_epoch=task.iterations,
             epochs=2,
+            shuffle=False,  # the dataset is already shuffled
             callbacks=[
                 keras_sp.callbacks.LinearProbe(
                     [head],
@@ -209,6 +214,7 @@ def lp_ft(kind):
                     finetune_learning_rate=params["finetune_learning_rate"],
                 ),
                 keras_sp.callbacks.StopOnNonFinite(),
+                *task.callbacks,
             ],
             verbose=0,
         )
@@ -253,8 +259,8 @@ def _terms(name, task, params, seed, x, y):
         )
         return [feature_space.CoTuning(relationship, weight=params["weight"])]
     # DELTA: channel attention from a linear probe on the target images
-    # (the backbone frozen), scaled by the number of channels as the
-    # authors' code does (mean weight 1).
+    # (the backbone frozen). The attention sums to 1 over a layer's
+    # channels; DELTA weighs channel j by C * a_j (mean weight 1).
     layers = list(task.delta_layers)
     if not task.delta_attention:
         return [feature_space.DELTA(layers=layers, alpha=params["alpha"])]
@@ -266,10 +272,9 @@ def _terms(name, task, params, seed, x, y):
         )
 
     attention = _shared(task, "attention", seed, x, y, attention)
-    scaled = {k: v * v.size for k, v in attention.items()}
     return [
         feature_space.DELTA(
-            layers=layers, alpha=params["alpha"], attention=scaled
+            layers=layers, alpha=params["alpha"], attention=attention
         )
     ]
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import keras
 import numpy as np
 import pytest
 from demo_test import tiny_fashion
@@ -241,6 +242,49 @@ def test_matched_seeds_give_the_same_images_head_and_batches(tiny_setting):
         np.testing.assert_array_equal(a, b)
 
 
+def test_min_epochs_lengthens_the_schedules_of_larger_training_sets(
+    tiny_setting, tmp_path, monkeypatch
+):
+    """With `min_epochs`, a run on n images takes max(iterations,
+    ceil(min_epochs * n / batch_size)) steps, its probe the same with
+    probe_iterations: counted on every `fit` of the comparison. Without
+    it, results files keep the settings they had."""
+    config, _ = tiny_setting
+    config = dataclasses.replace(
+        config, min_epochs=2.5, methods=[], seeds=[0, 1], cv_seeds=1
+    )
+    fitted = collections.Counter()
+    fit = comparison_methods._fit
+
+    def counted(task, model, x, y, seed, iterations, *args, **kwargs):
+        fitted[(len(x), iterations)] += 1
+        return fit(task, model, x, y, seed, iterations, *args, **kwargs)
+
+    monkeypatch.setattr(comparison_methods, "_fit", counted)
+    out = str(tmp_path / "compare")
+    compare.run_compare(config, out, verbose=0)
+    # 5 classes: per_class 4 -> 20 images (10 per CV fold's training part),
+    # per_class 6 -> 30 (15); batches of 8, at least 3 steps.
+    expected = {n: max(3, math.ceil(2.5 * n / 8)) for n in (10, 15, 20, 30)}
+    assert expected == {10: 4, 15: 5, 20: 7, 30: 10}
+    # probe and l2 (2 seeds each) at both sizes; l2's CV: 2 alphas x 1
+    # seed x 2 folds.
+    assert fitted == {(20, 7): 4, (30, 10): 4, (10, 4): 4, (15, 5): 4}
+    with open(os.path.join(out, "results.json")) as handle:
+        assert json.load(handle)["settings"]["min_epochs"] == 2.5
+    plain = str(tmp_path / "plain")
+    single = {**config.grids, "l2": {"alpha": [1e-4]}}
+    compare.run_compare(
+        dataclasses.replace(
+            config, per_class=[4], seeds=[0], min_epochs=0.0, grids=single
+        ),
+        plain,
+        verbose=0,
+    )
+    with open(os.path.join(plain, "results.json")) as handle:
+        assert "min_epochs" not in json.load(handle)["settings"]
+
+
 @pytest.mark.parametrize(
     "values,message",
     [
@@ -287,6 +331,32 @@ def test_a_feature_term_at_zero_weight_trains_as_plain_fine_tuning(
     # The pretrained source model (its classifier included) is untouched.
     for a, b in zip(source_before, source.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_tasks_callbacks_see_every_step_of_every_fit(tiny_setting):
+    """`Task.callbacks` go to the `fit` of every run: LP-FT's is one `fit`
+    of two epochs (the probe's steps, then the fine-tuning's)."""
+    task, x, y = tiny_task(tiny_setting, iterations=4)
+
+    class Steps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.fits, self.steps = 0, 0
+
+        def on_train_begin(self, logs=None):
+            self.fits += 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+
+    counter = Steps()
+    task = dataclasses.replace(task, callbacks=(counter,))
+    comparison_methods.METHODS["l2"][0](task, {"alpha": 0.01}, 0, x, y)
+    assert (counter.fits, counter.steps) == (1, 4)
+    comparison_methods.METHODS["lp_ft"][0](
+        task, {"finetune_learning_rate": 0.001}, 0, x, y
+    )
+    assert (counter.fits, counter.steps) == (2, 4 + 4 + 4)
 
 
 def test_wise_ft_interpolates_the_l2_run_of_the_same_seed(tiny_setting):
@@ -345,6 +415,43 @@ def test_wise_ft_and_delta_share_their_expensive_parts(
     assert counts == {"attention": 1, "fit": 3}
     delta(task, {"alpha": 0.01}, 1, x, y)
     assert counts == {"attention": 2, "fit": 5}
+
+
+def test_the_runners_delta_weighs_channels_as_eq_4(tiny_setting, monkeypatch):
+    """DELTA's term in the runner, with the attention a of
+    `channel_attention` (a softmax: sums to 1 over a layer's C channels),
+    is alpha / 2 * mean_batch sum_j C a_j mean_positions (FM_j(w) -
+    FM_j(w0))^2 (Eq. 3-4 with the reference code's scale): mean channel
+    weight 1, as the uniform default, not C."""
+    task, x, y = tiny_task(tiny_setting, iterations=2)
+    task = dataclasses.replace(task, delta_layers=("relu3",))
+    found = {}
+    attention = ts.channel_attention
+
+    def recorded(*args, **kwargs):
+        found.update(attention(*args, **kwargs))
+        return found
+
+    monkeypatch.setattr(ts, "channel_attention", recorded)
+    (term,) = comparison_methods._terms("delta", task, {"alpha": 0.3}, 11, x, y)
+    a = found["relu3"]
+    np.testing.assert_allclose(np.sum(a), 1.0, rtol=1e-5)
+    rng = np.random.default_rng(0)
+    shape = (4, 3, 3, a.size)
+    current, reference = rng.normal(size=(2,) + shape).astype("float32")
+    extras = {"model": {"relu3": current}, "reference": {"relu3": reference}}
+    expected = (
+        0.3
+        / 2
+        * np.mean(
+            np.sum(
+                a.size * a * np.mean((current - reference) ** 2, axis=(1, 2)),
+                axis=-1,
+            )
+        )
+    )
+    value = float(keras.ops.convert_to_numpy(term.penalty(extras, y)))
+    assert value == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_proximal_methods_put_weights_exactly_at_w0(tiny_setting):
