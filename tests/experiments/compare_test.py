@@ -293,6 +293,7 @@ def test_min_epochs_lengthens_the_schedules_of_larger_training_sets(
         ({"cv_seeds": 11}, "cv_seeds"),
         ({"grids": {"l2": {"alpha": [0.1]}}}, "grids.probe"),
         ({"per_class": []}, "per_class"),
+        ({"min_epochs": -1}, "min_epochs=-1"),
     ],
 )
 def test_bad_config(values, message):
