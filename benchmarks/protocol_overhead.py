@@ -87,9 +87,9 @@ def timed_run(task, method, params, seed, x, y, test):
         task, params, seed, x, y
     )
     trained = time.perf_counter()
-    compare._evaluate(model, *test)
+    compare.evaluate(model, *test)
     evaluated = time.perf_counter()
-    compare._drift(model, backbone)
+    compare.backbone_drift(model, backbone)
     finished = time.perf_counter()
     steady = statistics.median(timer.steps[1:])
     return {

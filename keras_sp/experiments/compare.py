@@ -219,15 +219,18 @@ def _points(grid):
     return points
 
 
-def _evaluate(model, x, y):
+def evaluate(model, x, y):
+    """A run's test (or validation) record: `{"accuracy", "loss"}` of
+    `model` on `x`, `y`."""
     accuracy, loss = training.accuracy_and_loss(model, x, y)
     return {"accuracy": accuracy, "loss": loss}
 
 
-def _drift(model, backbone):
-    """||w - w0|| / ||w0|| over the backbone's kernels (0 when the backbone
-    was frozen: nothing moved). WiSE-FT records w0 of every variable; only
-    the kernels count here, as for the other methods."""
+def backbone_drift(model, backbone):
+    """A run's drift: ||w - w0|| / ||w0|| over the backbone's kernels (0
+    when the backbone was frozen: nothing moved). WiSE-FT records w0 of
+    every variable; only the kernels count here, as for the other
+    methods."""
     kernels = {v.path for v in backbone.weights if v.path.endswith("kernel")}
     reference = {
         path: w0
@@ -277,8 +280,8 @@ class _Runs:
                 self.results.append(record)
                 self.progress.add(1)
                 return record
-            record.update(_evaluate(model, *evaluate_on))
-            record["drift"] = _drift(model, backbone)
+            record.update(evaluate(model, *evaluate_on))
+            record["drift"] = backbone_drift(model, backbone)
             if method in SPARSE_METHODS:
                 at_w0 = keras_sp.at_starting_point(model)
                 record["at_w0_weights"] = at_w0.weights
