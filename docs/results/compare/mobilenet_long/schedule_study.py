@@ -28,15 +28,16 @@ from keras_sp.experiments.config import load_config
 from keras_sp.experiments.data import few_shot
 
 CONFIG = Path(__file__).parents[1] / "mobilenet" / "config.json"
-PARAMS = {"l2": {"alpha": 1e-4}, "probe": {"beta": 0.01}}
 
 
-def run(task, method, steps, seed, train, evaluate_on, **fields):
+def run(task, grids, method, steps, seed, train, evaluate_on, **fields):
+    """One run of `method` at the single point of its grid in `grids`."""
     name = "probe_iterations" if method == "probe" else "iterations"
     task = dataclasses.replace(task, **{name: steps})
+    params = {key: values[0] for key, values in grids[method].items()}
     started = time.time()
     function, _ = METHODS[method]
-    model, backbone = function(task, PARAMS[method], seed, *train)
+    model, backbone = function(task, params, seed, *train)
     record = {**fields, "method": method, "steps": steps, "seed": seed}
     record.update(compare.evaluate(model, *evaluate_on))
     record["drift"] = compare.backbone_drift(model, backbone)
@@ -54,7 +55,15 @@ def main(mode):
         test = (setting.data["x_test"], setting.data["y_test"])
         for steps in (200, 600):
             for seed in range(5):
-                run(task, "l2", steps, seed, (x[draw], y[draw]), test)
+                run(
+                    task,
+                    config.grids,
+                    "l2",
+                    steps,
+                    seed,
+                    (x[draw], y[draw]),
+                    test,
+                )
         return
     for fold, held in enumerate(comparison_stats.folds(y[draw], 3, 0)):
         validation = draw[held]
@@ -66,6 +75,7 @@ def main(mode):
             for steps in values:
                 run(
                     task,
+                    config.grids,
                     method,
                     steps,
                     0,
